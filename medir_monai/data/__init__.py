@@ -1,0 +1,1 @@
+"""medir_monai.data."""

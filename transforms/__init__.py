@@ -1,0 +1,1 @@
+"""MONAI transforms for medical image degradation (installed as ``medir_monai.transforms``)."""
