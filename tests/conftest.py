@@ -1,0 +1,25 @@
+"""Shared test helpers: the reference fixtures live in ../shared/fixtures (DESIGN.md section 6)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_DIR = Path(os.environ.get("MEDIR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+
+
+def load_fixture(name: str) -> dict:
+    """Load a reference fixture; fail loudly (not skip) when it is missing."""
+    path = FIXTURE_DIR / name
+    if not path.is_file():
+        pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the folder holding it)")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@pytest.fixture
+def fixture_loader():
+    return load_fixture
