@@ -1,0 +1,164 @@
+"""Atomic checkpoints and automatic resume for iteration-based training.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed while saving can leave a
+truncated file. These handlers write to a temporary file in the same folder and ``os.replace`` it, and load
+with ``torch.load(weights_only=True)``.
+
+* :class:`ResumableCheckpoint` (trainer): every ``save_interval`` iterations and at the end, saves the full
+  training state (model, optimizer, LR scheduler, trainer iteration, EMA, loss balancer, ...) as
+  ``checkpoint_iteration=N.pt`` and keeps the newest ``n_saved``; when the trainer starts and a checkpoint is
+  present it resumes from the newest one, so rerunning the same command continues an interrupted run.
+* :class:`BestModelSaver` (evaluator): writes ``model.pt`` (weights only: the network or its EMA) whenever the
+  evaluator's key metric improves, and ``model_final.pt`` is written by the trainer checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from ..bundle import latest_checkpoint
+
+__all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _state_dicts(objects: dict[str, Any]) -> dict[str, Any]:
+    return {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
+
+
+class ResumableCheckpoint:
+    """Save the full training state every ``save_interval`` iterations; resume from the newest on start.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: objects with ``state_dict`` / ``load_state_dict`` (``None`` entries are skipped); include the
+            trainer itself under ``"trainer"`` so the iteration count is restored.
+        save_interval: iterations between saves (use the validation interval).
+        n_saved: how many full checkpoints to keep.
+        resume: resume from the newest checkpoint in ``save_dir`` when the trainer starts.
+        final_model: also write the network's weights alone to this file name at the end (``None``: don't).
+        final_key: key of ``save_dict`` whose weights go to ``final_model`` (e.g. ``"ema"`` for TAT).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict[str, Any],
+        save_interval: int = 1000,
+        n_saved: int = 1,
+        resume: bool = True,
+        final_model: str | None = "model_final.pt",
+        final_key: str = "model",
+    ):
+        if save_interval < 1:
+            raise ValueError(f"save_interval must be >= 1, got {save_interval}")
+        self.save_dir = Path(save_dir)
+        self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
+        self.save_interval = int(save_interval)
+        self.n_saved = int(n_saved)
+        self.resume = resume
+        self.final_model = final_model
+        self.final_key = final_key
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load_latest)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def load_latest(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.save_dir)
+        if path is None:
+            logger.info(f"no checkpoint in {self.save_dir}: training from scratch")
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in self.save_dict if k not in checkpoint]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {missing}; move it away to start from scratch")
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
+
+    def save(self, engine: Engine) -> None:
+        iteration = engine.state.iteration
+        atomic_save(_state_dicts(self.save_dict), self.save_dir / f"checkpoint_iteration={iteration}.pt")
+        self._prune(keep=iteration)
+
+    def save_final(self, engine: Engine) -> None:
+        if engine.state.iteration % self.save_interval:
+            self.save(engine)
+        if self.final_model:
+            atomic_save(self.save_dict[self.final_key].state_dict(), self.save_dir / self.final_model)
+
+    def _prune(self, keep: int) -> None:
+        found = sorted(
+            (int(p.name.split("=")[1].split(".")[0]), p) for p in self.save_dir.glob("checkpoint_iteration=*.pt")
+        )
+        for it, path in found[: max(0, len(found) - self.n_saved)]:
+            if it != keep:
+                path.unlink(missing_ok=True)
+
+
+class BestModelSaver:
+    """Write the weights of ``network`` to ``save_dir/filename`` when the evaluator's key metric improves.
+
+    Args:
+        save_dir: output folder.
+        network: module whose ``state_dict`` is saved (TAT: the EMA model).
+        filename: file name (the bundle's ``model.pt``).
+        higher_is_better: direction of the key metric.
+    """
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt", higher_is_better: bool = True):
+        self.path = Path(save_dir) / filename
+        self.network = network
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.best: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best value so far (kept in the training checkpoint so a resumed run does not regress)."""
+        return {"best": float("nan") if self.best is None else self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best = float(state.get("best", float("nan")))
+        self.best = None if best != best else best
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        name = getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise RuntimeError("BestModelSaver needs an evaluator with a key metric")
+        value = float(engine.state.metrics[name])
+        if value != value:  # NaN
+            return
+        if self.best is None or self.sign * value > self.sign * self.best:
+            self.best = value
+            atomic_save(self.network.state_dict(), self.path)
+            logger.info(f"{name} improved to {value:.4f}: saved {self.path}")

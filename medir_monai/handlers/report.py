@@ -1,0 +1,109 @@
+"""Evaluation outputs: ``metrics.csv`` (one row per slice) and ``report.md`` (the papers' Table 2 layout)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+
+from ..tasks import get_task
+from .metrics import TaskMetricCollector
+
+__all__ = ["EvalReportHandler", "write_metrics_csv", "format_report", "atomic_write_text"]
+
+CSV_FIELDS = ("task", "file", "source", "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_rows(rows: list[dict]) -> list[dict]:
+    """Each slice gives two rows: ``source=restored`` and ``source=lq`` (the degraded input's baseline)."""
+    out = []
+    for row in rows:
+        out.append({"source": "restored", **{k: row.get(k, "") for k in CSV_FIELDS if k != "source"}})
+        if "lq_psnr" in row:
+            out.append(
+                {"task": row["task"], "file": row["file"], "source": "lq", "psnr": row["lq_psnr"],
+                 "ssim": row["lq_ssim"], "rmse": row["lq_rmse"], "monai_psnr": "", "monai_ssim": ""}
+            )
+    return out
+
+
+def write_metrics_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in csv_rows(rows):
+        writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def format_report(means: dict[str, dict[str, float]], model_name: str = "model", counts: dict[str, int] | None = None) -> str:
+    """Markdown table: rows LQ input and the model; per task PSNR / SSIM / RMSE, then the average over tasks."""
+    tasks = sorted(means, key=lambda t: get_task(t).index)
+    header = "| method | " + " | ".join(f"{t} PSNR | {t} SSIM | {t} RMSE ({get_task(t).unit})" for t in tasks)
+    header += " | Average PSNR | Average SSIM |"
+    sep = "|" + "---|" * (1 + 3 * len(tasks) + 2)
+    lines = [f"# Evaluation of {model_name}", "",
+             "Paper convention (DESIGN.md section 5): per slice, de-normalised, clipped to the task's eval window, "
+             "data range = max - min of the label slice; SSIM 11x11 Gaussian, zero padding. Mean over slices.", ""]
+    if counts:
+        lines.append("Slices: " + ", ".join(f"{t} {counts.get(t, 0)}" for t in tasks))
+        lines.append("")
+    lines += [header, sep]
+    for label, prefix in (("LQ input", "lq_"), (model_name, "")):
+        cells, psnrs, ssims = [], [], []
+        for t in tasks:
+            m = means[t]
+            p, s, r = m.get(f"{prefix}psnr", float("nan")), m.get(f"{prefix}ssim", float("nan")), m.get(f"{prefix}rmse", float("nan"))
+            cells += [f"{p:.2f}", f"{s:.4f}", f"{r:.4g}"]
+            psnrs.append(p)
+            ssims.append(s)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(psnrs) / len(psnrs):.2f} | {sum(ssims) / len(ssims):.4f} |")
+    lines += ["", "MONAI metrics (fixed eval-window range, valid-region SSIM):", "",
+              "| task | MONAI PSNR | MONAI SSIM |", "|---|---|---|"]
+    for t in tasks:
+        lines.append(f"| {t} | {means[t].get('monai_psnr', float('nan')):.2f} | {means[t].get('monai_ssim', float('nan')):.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+class EvalReportHandler:
+    """At the end of an evaluation run write ``metrics.csv`` and ``report.md`` into ``output_dir``."""
+
+    def __init__(self, collector: TaskMetricCollector, output_dir: str, model_name: str = "model"):
+        self.collector = collector
+        self.output_dir = Path(output_dir)
+        self.model_name = model_name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.collector.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.collector.update(e))
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        rows = self.collector.rows
+        if not rows:
+            raise RuntimeError("evaluation produced no slices: check the dataset folder and split")
+        write_metrics_csv(rows, self.output_dir / "metrics.csv")
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["task"]] = counts.get(row["task"], 0) + 1
+        report = format_report(self.collector.per_task_means(), self.model_name, counts)
+        atomic_write_text(self.output_dir / "report.md", report)
+        engine.logger.info("\n" + report)
