@@ -17,6 +17,7 @@ folder, NaN / Inf values, wrong dimensionality.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import os
 import pickle
@@ -25,8 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import monai.data
 import torch
-from monai.data import MetaTensor
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage
 
 __all__ = [
@@ -134,17 +136,18 @@ def load_bin(path: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol before failing
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as torch_err:  # not a torch.save file: try the authors' plain pickle
         try:
             with open(path, "rb") as f:
                 obj = _TensorOnlyUnpickler(f).load()
         except Exception as pickle_err:
             raise DataError(
-                f"{path}: unreadable or corrupt .bin file (expected a pickled tensor): "
-                f"torch.load said {type(torch_err).__name__}: {str(torch_err).splitlines()[0][:200]}; "
-                f"pickle said {type(pickle_err).__name__}: {pickle_err}"
-            ) from pickle_err
+                f"{path}: unreadable or corrupt .bin file (expected a pickled (1, H, W) tensor): "
+                f"{type(pickle_err).__name__}: {pickle_err}"
+            ) from torch_err
     if isinstance(obj, np.ndarray):
         obj = torch.from_numpy(np.ascontiguousarray(obj))
     if not isinstance(obj, torch.Tensor) or not (obj.is_floating_point() or obj.dtype in _INT_DTYPES):
@@ -153,6 +156,13 @@ def load_bin(path: str | os.PathLike) -> torch.Tensor:
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
+def _squeeze_trailing_axes(x: torch.Tensor, min_ndim: int) -> torch.Tensor:
+    """Drop trailing size-1 axes down to ``min_ndim`` axes: an ``(H, W, 1)`` file is a 2-D slice."""
+    while x.ndim > min_ndim and x.shape[-1] == 1:
+        x = x[..., 0]
+    return x
+
+
 def _squeeze_extra_axes(x: torch.Tensor, max_ndim: int) -> torch.Tensor:
     """Drop size-1 axes (trailing first, then leading) while the array has more than ``max_ndim`` axes."""
     while x.ndim > max_ndim and x.shape[-1] == 1:
@@ -174,6 +184,7 @@ def check_image(x: torch.Tensor, path: str | os.PathLike, ndim: Sequence[int] = 
         DataError: wrong dimensionality, empty array or NaN / Inf values.
     """
     ndim = tuple(ndim)
+    x = _squeeze_trailing_axes(x, min(ndim))
     x = _squeeze_extra_axes(x, max(ndim))
     if x.ndim not in ndim:
         want = " or ".join(f"{n}-D" for n in ndim)
@@ -226,12 +237,26 @@ def load_image(
         x = MetaTensor(load_bin(path).to(torch.float32 if dtype == np.float32 else torch.float64))
         x.meta["filename_or_obj"] = str(path)
     else:
-        loader = LoadImage(reader=reader, image_only=True, dtype=dtype)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                x = loader(str(path))
+                x = _loader(dtype)(str(path), reader=_reader(reader))
         except Exception as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = str(err).strip().splitlines()
+            msg = lines[-1] if lines else "no details"
             raise DataError(f"{path}: unreadable or corrupt image ({reader}): {type(err).__name__}: {msg}") from err
+    if path.suffix.lower() in BIN_SUFFIXES and x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]  # (1, H, W) -> (H, W): the .bin files carry a leading channel axis
     return check_image(x, path, ndim)
+
+
+@functools.lru_cache(maxsize=None)
+def _loader(dtype) -> LoadImage:
+    """One :class:`~monai.transforms.LoadImage` per dtype (building one registers every reader, so reuse it)."""
+    return LoadImage(image_only=True, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _reader(name: str) -> ImageReader:
+    """The MONAI reader instance called directly, so its own error reaches the user (no silent fallback)."""
+    return getattr(monai.data, name)()

@@ -13,7 +13,11 @@ __all__ = [
     "EvalReportHandler",
     "ResumableCheckpoint",
     "RoutingHandler",
-    "SamplerEpochHandler",
+    "EpochSeedHandler",
+    "LearningRateLogger",
+    "ProgressBar",
+    "loss_terms",
+    "rank_zero_only",
     "TaskImageHandler",
     "TaskMeanMetric",
     "TaskMetricCollector",
@@ -25,13 +29,4 @@ __all__ = [
 ]
 
 
-class SamplerEpochHandler:
-    """Call ``sampler.set_epoch(epoch - 1)`` at each epoch start (deterministic, resumable batch order)."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.sampler.set_epoch(e.state.epoch - 1))
+from .training import EpochSeedHandler, LearningRateLogger, ProgressBar, loss_terms, rank_zero_only  # noqa: E402

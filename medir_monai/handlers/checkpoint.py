@@ -48,6 +48,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _state_dicts(objects: dict[str, Any]) -> dict[str, Any]:
     return {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
 
@@ -105,11 +111,15 @@ class ResumableCheckpoint:
         logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
 
     def save(self, engine: Engine) -> None:
+        if _rank() != 0:  # DDP: every rank resumes, rank 0 writes
+            return
         iteration = engine.state.iteration
         atomic_save(_state_dicts(self.save_dict), self.save_dir / f"checkpoint_iteration={iteration}.pt")
         self._prune(keep=iteration)
 
     def save_final(self, engine: Engine) -> None:
+        if _rank() != 0:
+            return
         if engine.state.iteration % self.save_interval:
             self.save(engine)
         if self.final_model:

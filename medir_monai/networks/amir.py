@@ -183,6 +183,12 @@ class SpatialMoE(nn.Module):
         prob_out = _standard_normal_cdf((clean - threshold_out) / noise_std)
         return torch.where(noisy > threshold_in, prob_in, prob_out).sum(0)
 
+    def _balance_loss(self, importance: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+        """``cv_squared(importance) + cv_squared(load)``; 0 with a single expert."""
+        if self.num_experts == 1:
+            return importance.new_zeros((), dtype=torch.float32)
+        return cv_squared(importance, self.cv_eps) + cv_squared(load, self.cv_eps)
+
     # -- experts ------------------------------------------------------------------------------------------
     def _use_dense(self) -> bool:
         if self.dispatch == "dense" or torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -219,20 +225,21 @@ class SpatialMoE(nn.Module):
         self, x: torch.Tensor, prompt: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` (B, C, H, W), ``prompt`` (B, prompt_dim) -> ``(y, balance_loss, top1)`` (see class docstring)."""
-        if x.ndim != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"SpatialMoE.forward: x must be (B, {self.dim}, H, W), got {tuple(x.shape)}.")
-        if prompt.shape != (x.shape[0], self.prompt_dim):
-            raise ValueError(
-                f"SpatialMoE.forward: prompt must be ({x.shape[0]}, {self.prompt_dim}), got {tuple(prompt.shape)}."
-            )
+        if not torch.jit.is_tracing():  # shapes are constants of a traced graph
+            if x.ndim != 4 or x.shape[1] != self.dim:
+                raise ValueError(f"SpatialMoE.forward: x must be (B, {self.dim}, H, W), got {tuple(x.shape)}.")
+            if prompt.shape != (x.shape[0], self.prompt_dim):
+                raise ValueError(
+                    f"SpatialMoE.forward: prompt must be ({x.shape[0]}, {self.prompt_dim}), got {tuple(prompt.shape)}."
+                )
         b, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # token order (b, h, w)
         cond = prompt.unsqueeze(1).expand(b, h * w, self.prompt_dim).reshape(b * h * w, self.prompt_dim)
         top_gates, top_idx, dense_gates, load = self._gate(torch.cat([tokens, cond], dim=1))
-        balance = cv_squared(dense_gates.sum(0), self.cv_eps) + cv_squared(load, self.cv_eps)
+        balance = self._balance_loss(dense_gates.sum(0), load)
         mixed = self._mix(self._run_experts(tokens, top_idx), top_gates).to(x.dtype)
         y = mixed.view(b, h, w, c).permute(0, 3, 1, 2)
-        return y, balance, top_idx[:, 0].view(b, h, w)
+        return y, balance, top_idx[:, 0].reshape(b, h, w)
 
     @staticmethod
     def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -332,7 +339,7 @@ class InstructionGenerator(nn.Module):
         self.dictionary = nn.Parameter(torch.randn(atom_num, atom_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2], x.shape[-1]) < self.min_size:
+        if not torch.jit.is_tracing() and min(x.shape[-2], x.shape[-1]) < self.min_size:
             raise ValueError(
                 f"InstructionGenerator: input height and width must be >= {self.min_size}, got {tuple(x.shape)}."
             )

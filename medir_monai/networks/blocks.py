@@ -151,6 +151,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         raise ValueError(f"pad_to_multiple: multiple must be >= 1, got {multiple}.")
     h, w = x.shape[-2], x.shape[-1]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if torch.jit.is_tracing():
+        # no Python branches on sizes, so a traced graph pads any input size (needs sides >= multiple)
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"), (h, w)
     if pad_h == 0 and pad_w == 0:
         return x, (h, w)
     mode = "reflect" if pad_h < h and pad_w < w else "replicate"

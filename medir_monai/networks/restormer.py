@@ -132,6 +132,8 @@ class Restormer(nn.Module):
         return self.output(self.refinement(dec1))
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():  # shapes are constants of a traced graph
+            return
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}.forward: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}."
