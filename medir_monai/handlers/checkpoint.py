@@ -54,6 +54,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _bare(network: torch.nn.Module) -> torch.nn.Module:
+    from ..engines import unwrap
+
+    return unwrap(network)
+
+
 def _state_dicts(objects: dict[str, Any]) -> dict[str, Any]:
     return {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
 
@@ -69,7 +75,8 @@ class ResumableCheckpoint:
         n_saved: how many full checkpoints to keep.
         resume: resume from the newest checkpoint in ``save_dir`` when the trainer starts.
         final_model: also write the network's weights alone to this file name at the end (``None``: don't).
-        final_key: key of ``save_dict`` whose weights go to ``final_model`` (e.g. ``"ema"`` for TAT).
+        final_network: the module whose weights go to ``final_model`` (default: ``save_dict["model"]``; TAT: the
+            EMA model).
     """
 
     def __init__(
@@ -80,7 +87,7 @@ class ResumableCheckpoint:
         n_saved: int = 1,
         resume: bool = True,
         final_model: str | None = "model_final.pt",
-        final_key: str = "model",
+        final_network: torch.nn.Module | None = None,
     ):
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
@@ -90,7 +97,7 @@ class ResumableCheckpoint:
         self.n_saved = int(n_saved)
         self.resume = resume
         self.final_model = final_model
-        self.final_key = final_key
+        self.final_network = final_network
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -123,7 +130,8 @@ class ResumableCheckpoint:
         if engine.state.iteration % self.save_interval:
             self.save(engine)
         if self.final_model:
-            atomic_save(self.save_dict[self.final_key].state_dict(), self.save_dir / self.final_model)
+            network = self.final_network if self.final_network is not None else self.save_dict["model"]
+            atomic_save(_bare(network).state_dict(), self.save_dir / self.final_model)
 
     def _prune(self, keep: int) -> None:
         found = sorted(
@@ -170,5 +178,5 @@ class BestModelSaver:
             return
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best = value
-            atomic_save(self.network.state_dict(), self.path)
+            atomic_save(_bare(self.network).state_dict(), self.path)
             logger.info(f"{name} improved to {value:.4f}: saved {self.path}")

@@ -30,7 +30,9 @@ class EMAModel(nn.Module):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.module = copy.deepcopy(network).eval().requires_grad_(False)
+        from ..engines import unwrap
+
+        self.module = copy.deepcopy(unwrap(network)).eval().requires_grad_(False)
         self.decay = float(decay)
         self.power = float(power)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

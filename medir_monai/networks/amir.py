@@ -477,6 +477,12 @@ class AMIR(Restormer):
         ]
         return out
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copy/pickle support: ``aux_loss`` of a training forward is a graph node, keep only its value."""
+        state = self.__dict__.copy()
+        state["aux_loss"] = self.aux_loss.detach()
+        return state
+
     @staticmethod
     def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Authors' AMIR key names -> ours (idempotent; drops their constant N(0,1) MoE buffers)."""
