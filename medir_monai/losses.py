@@ -169,7 +169,9 @@ class TATLossBalancing(nn.Module):
                 f"{tuple(restored.shape)}, {tuple(target.shape)}, {tuple(lq.shape)}."
             )
         if restored.ndim < 2:
-            raise ValueError(f"TATLossBalancing: expected a batch [B, ...] of images, got shape {tuple(restored.shape)}.")
+            raise ValueError(
+                f"TATLossBalancing: expected a batch [B, ...] of images, got shape {tuple(restored.shape)}."
+            )
 
 
 class TaskUncertaintyLoss(nn.Module):
@@ -216,7 +218,9 @@ class TaskUncertaintyLoss(nn.Module):
         if present is not None:
             mask = torch.as_tensor(present, device=terms.device).reshape(-1).to(terms.dtype)
             if mask.numel() != self.num_tasks:
-                raise ValueError(f"TaskUncertaintyLoss: present must have {self.num_tasks} entries, got {mask.numel()}.")
+                raise ValueError(
+                    f"TaskUncertaintyLoss: present must have {self.num_tasks} entries, got {mask.numel()}."
+                )
             terms = terms * mask
             count = mask.sum().clamp_min(1.0)
         else:

@@ -42,6 +42,7 @@ __all__ = [
 SPLITS = ("train", "validation", "test")
 PAIR_FOLDERS = ("LQ", "HQ")
 WHOLE_FILE = -1  # ``slice`` value of an item whose file already is a 2-D slice
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 # ---- the authors' layout --------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> torch.T
     if x.ndim == 3 and axcodes is not None:
         from monai.transforms import Orientation
 
-        x = Orientation(axcodes=axcodes)(x[None])[0]
+        x = Orientation(axcodes=axcodes, labels=_RAS_LABELS)(x[None])[0]
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 

@@ -51,7 +51,9 @@ _MOE_KEY_RULES: tuple[KeyRule, ...] = (
 _AMIR_KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule("dict_generator.CondNet.{i}.{p}", "dict_generator.cond_net.{i}.{p}"),
     KeyRule("dict_generator.lastOut.{p}", "dict_generator.to_logits.{p}"),
-    KeyRule("{route}_{name}.fc.{p}", "{route}_{name}.instruction_proj.{p}", {"route": "spatial_routing|channel_routing"}),
+    KeyRule(
+        "{route}_{name}.fc.{p}", "{route}_{name}.instruction_proj.{p}", {"route": "spatial_routing|channel_routing"}
+    ),
     KeyRule("spatial_routing_{name}.moe.experts.{i}.fc1.{p}", "spatial_routing_{name}.moe.experts.{i}.linear1.{p}"),
     KeyRule("spatial_routing_{name}.moe.experts.{i}.fc2.{p}", "spatial_routing_{name}.moe.experts.{i}.linear2.{p}"),
     KeyRule("spatial_routing_{name}.moe.{buf}", None, {"buf": "mean|std"}),
@@ -61,7 +63,7 @@ _AMIR_KEY_RULES: tuple[KeyRule, ...] = (
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation ``var(x) / (mean(x)^2 + eps)`` (unbiased variance), 0 for one entry.
 
-    Shazeer et al. 2017 (https://arxiv.org/abs/1701.06538) Eq. 6-7 use it to balance expert usage.
+    Shazeer et al. 2017 (https://arxiv.org/abs/1701.06538), Sec. 4, use it to balance expert usage.
     """
     x = x.float()
     if x.numel() <= 1:
@@ -74,7 +76,7 @@ def _standard_normal_cdf(z: torch.Tensor) -> torch.Tensor:
 
 
 class SpatialMoE(nn.Module):
-    """Noisy top-k mixture of experts over the pixel tokens of a feature map (AMIR SRM, Sec. 2.2).
+    """Noisy top-k mixture of experts over the pixel tokens of a feature map (the MoE inside AMIR's SRM).
 
     Every pixel of ``x`` (B, C, H, W) is a token; its gate input is ``cat(token, prompt[b])``. Gating follows
     Shazeer et al. 2017: logits ``g @ w_gate``, in training plus noise ``randn * (softplus(g @ w_noise) + eps)``;
@@ -127,7 +129,9 @@ class SpatialMoE(nn.Module):
         if dispatch not in MOE_DISPATCH_MODES:
             raise ValueError(f"SpatialMoE: dispatch must be one of {MOE_DISPATCH_MODES}, got {dispatch!r}.")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"SpatialMoE: need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}.")
+            raise ValueError(
+                f"SpatialMoE: need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}."
+            )
         if dim < 1:
             raise ValueError(f"SpatialMoE: dim must be >= 1, got {dim}.")
         self.dim = dim
@@ -156,7 +160,7 @@ class SpatialMoE(nn.Module):
         """
         clean = gate_in @ self.w_gate  # [N, E]
         noisy = self.noisy_gating and self.training
-        noise_std = clean  # placeholder, only read when noisy
+        noise_std = clean  # placeholder so the name is always bound; only read when noisy
         logits = clean
         if noisy:
             noise_std = F.softplus(gate_in @ self.w_noise) + self.noise_eps
@@ -261,7 +265,7 @@ def _normal_buffers(like: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
 
 
 class SpatialRouting(nn.Module):
-    """SRM (AMIR Sec. 2.2): ``x + SpatialMoE(x, Linear(instruction))``.
+    """SRM, AMIR's spatial routing module: ``x + SpatialMoE(x, Linear(instruction))``.
 
     Forward returns ``(x_routed, balance_loss, top1)``.
     """
@@ -279,7 +283,7 @@ class SpatialRouting(nn.Module):
 
 
 class ChannelRouting(nn.Module):
-    """CRM (AMIR Sec. 2.3): ``x + (gamma * x + beta) * sigmoid(Linear(instruction))`` per channel.
+    """CRM, AMIR's channel routing module: ``x + (gamma * x + beta) * sigmoid(Linear(instruction))`` per channel.
 
     ``gamma`` and ``beta`` start at zero, so the module starts as the identity.
     """
@@ -296,7 +300,7 @@ class ChannelRouting(nn.Module):
 
 
 class InstructionGenerator(nn.Module):
-    """RIN (AMIR Sec. 2.1): degraded image -> instruction vector ``[B, atom_dim]``.
+    """RIN, AMIR's restoration instruction network: degraded image -> instruction vector ``[B, atom_dim]``.
 
     Two 3x3 stride-3 convs and three 1x1 convs (LeakyReLU between), global average pooling, a linear layer to
     ``atom_num`` logits, softmax, a weighted sum of the learnt dictionary atoms, GELU.

@@ -2,11 +2,11 @@
 
 Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022
 (https://arxiv.org/abs/2111.09881), section 3. The two inner blocks are MONAI's:
-:class:`monai.networks.blocks.cablock.CABlock` is the multi-Dconv head transposed attention (MDTA, Sec. 3.1,
-Eq. 1) and :class:`monai.networks.blocks.cablock.FeedForward` the gated-Dconv feed-forward network (GDFN,
-Sec. 3.2, Eq. 2). They compute exactly what the authors' ``Attention`` / ``FeedForward`` compute (checked
-against the authors' code with the fixtures in ``tests/test_restormer.py``); their convolutions are MONAI
-``Convolution`` wrappers, so each weight sits one level deeper (``attn.qkv.conv.weight`` for the authors'
+:class:`monai.networks.blocks.cablock.CABlock` is the multi-Dconv head transposed attention (MDTA, Sec. 3.1)
+and :class:`monai.networks.blocks.cablock.FeedForward` the gated-Dconv feed-forward network (GDFN, Sec. 3.2).
+They compute exactly what the authors' ``Attention`` / ``FeedForward`` compute (checked against the authors'
+code with the fixtures in ``tests/test_restormer.py``); their convolutions are MONAI ``Convolution`` wrappers,
+so each weight sits one level deeper (``attn.qkv.conv.weight`` for the authors'
 ``attn.qkv.weight``). The layer norm over channels is ours: MONAI's Restormer block normalises differently.
 
 Official checkpoint key names differ from ours in two ways, both handled by :data:`TRANSFORMER_BLOCK_KEY_RULES`:

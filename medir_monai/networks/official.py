@@ -137,7 +137,9 @@ def unwrap_checkpoint(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
         if _is_state_dict(current):
             break
         if not isinstance(current, Mapping):
-            raise TypeError(f"{source}: expected a state dict or a checkpoint dictionary, got {type(current).__name__}.")
+            raise TypeError(
+                f"{source}: expected a state dict or a checkpoint dictionary, got {type(current).__name__}."
+            )
         inner = next((current[k] for k in CHECKPOINT_WRAPPER_KEYS if isinstance(current.get(k), Mapping)), None)
         if inner is None:
             raise ValueError(

@@ -1,0 +1,303 @@
+"""MONAI datasets of 2-D LQ/HQ slices for all-in-one restoration (DESIGN.md section 3).
+
+Pipeline per slice item (from :mod:`medir_monai.data.layout`)::
+
+    load (physical units; volumes re-oriented and sliced)      LoadSlicePaird
+    -> simulate LQ from HQ if the item has none                 SimulateLowQualityd  (task's degradation)
+    -> per-task normalisation: clip to norm_range, [0, 1]       NormaliseByTaskd     (ScaleIntensityRanged)
+    -> cached: CacheDataset (memory) or PersistentDataset (disk), so the physics runs once
+    -> training only: pad to the patch size if smaller, then one random 128x128 window, the same for LQ and
+       HQ (RandSpatialCropd over both keys); no other augmentation (as in the papers)
+
+Samples: ``{"lq": (1,H,W) float32 in [0,1], "hq": (1,H,W) float32 in [0,1], "task": int (registry index),
+"task_name": str, "file": str (HQ path), "slice": int (-1 for 2-D files)}``. Validation / test samples are
+whole slices; their sizes differ between tasks, so evaluate with ``batch_size=1``.
+
+Simulation runs in physical units (HU, SUV, raw MRI intensity), before normalisation, because the physics
+(attenuation, counts) needs them. It is seeded per slice from ``(seed, file, slice)``, so a cached and an
+uncached run, or two workers, produce the same LQ.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    SpatialPadd,
+    Transform,
+)
+
+from ..tasks import get_task
+from .io import DataError
+from .layout import WHOLE_FILE, check_same_shape, expand_to_slices, load_volume
+
+__all__ = [
+    "CACHE_MODES",
+    "RestorationDataset",
+    "RestorationCacheDataset",
+    "RestorationPersistentDataset",
+    "plain_data_errors",
+    "LoadSlicePaird",
+    "SimulateLowQualityd",
+    "NormaliseByTaskd",
+    "restoration_transforms",
+    "restoration_dataset",
+    "get_task_labels",
+    "degradation_for",
+]
+
+CACHE_MODES = ("memory", "disk", "none")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_volume(path: str, axcodes: str | None) -> torch.Tensor:
+    """Recently used volumes (consecutive slice items share one file); small to bound memory."""
+    return load_volume(path, axcodes)
+
+
+def _take_slice(volume: torch.Tensor, index: int) -> torch.Tensor:
+    """(H, W) slice ``index`` along the last axis of a 3-D volume; a 2-D image is returned as is."""
+    if index == WHOLE_FILE or volume.ndim == 2:
+        return volume
+    return volume[..., index]
+
+
+class LoadSlicePaird(Transform):
+    """Load the ``hq`` (and ``lq`` when given) 2-D slice of an item as ``(1, H, W)`` float32, physical units.
+
+    Args:
+        axcodes: orientation volumes are brought to before slicing along their last axis (``None``: file order).
+
+    Raises:
+        DataError: unreadable files; LQ/HQ shape mismatch (naming both files).
+    """
+
+    def __init__(self, axcodes: str | None = "RAS") -> None:
+        self.axcodes = axcodes
+
+    def __call__(self, item: Mapping) -> dict:
+        d = dict(item)
+        index = int(d.get("slice", WHOLE_FILE))
+        hq_vol = _cached_volume(str(d["hq"]), self.axcodes)
+        d["hq"] = _take_slice(hq_vol, index)[None].float().contiguous()
+        d["file"] = str(item["hq"])
+        d["slice"] = index
+        if d.get("lq") is not None:
+            lq_vol = _cached_volume(str(d["lq"]), self.axcodes)
+            check_same_shape(lq_vol, hq_vol, item["lq"], item["hq"])
+            d["lq"] = _take_slice(lq_vol, index)[None].float().contiguous()
+        else:
+            d["lq"] = None
+        if d["hq"].ndim != 3:
+            raise DataError(f"{item['hq']}: slice {index} is not 2-D (shape {tuple(d['hq'].shape[1:])})")
+        return d
+
+
+def degradation_for(task: str, **overrides) -> Transform:
+    """The task's default degradation transform (``Task.degradation`` in ``medir_monai.transforms``)."""
+    task = get_task(task)
+    import medir_monai.transforms as mt
+
+    if not task.degradation or not hasattr(mt, task.degradation):
+        raise DataError(
+            f"task {task.name!r}: degradation transform {task.degradation!r} not found in medir_monai.transforms; "
+            "items of this task need an 'lq' file"
+        )
+    return getattr(mt, task.degradation)(**{**task.degradation_args, **overrides})
+
+
+def _slice_seed(seed: int, file: str, index: int) -> int:
+    """Stable 32-bit seed of one slice (independent of item order, worker and process)."""
+    digest = hashlib.sha256(f"{seed}|{file}|{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class SimulateLowQualityd(Transform):
+    """Make ``lq`` from ``hq`` (physical units) with the task's degradation when the item has no LQ.
+
+    Deterministic by design (seeded per slice), so MONAI caches its output.
+
+    Args:
+        seed: base seed of the simulation.
+        degradation_overrides: per task name, keyword arguments overriding ``Task.degradation_args``.
+    """
+
+    def __init__(self, seed: int = 0, degradation_overrides: Mapping[str, dict] | None = None) -> None:
+        self.seed = seed
+        self.overrides = dict(degradation_overrides or {})
+        self._transforms: dict[str, Transform] = {}
+
+    def _degradation(self, task: str) -> Transform:
+        if task not in self._transforms:
+            self._transforms[task] = degradation_for(task, **self.overrides.get(task, {}))
+        return self._transforms[task]
+
+    def __call__(self, item: Mapping) -> dict:
+        d = dict(item)
+        if d.get("lq") is not None:
+            return d
+        degrade = self._degradation(d["task"])
+        if hasattr(degrade, "set_random_state"):
+            degrade.set_random_state(seed=_slice_seed(self.seed, d["file"], d["slice"]))
+        lq = degrade(d["hq"])
+        d["lq"] = torch.as_tensor(np.asarray(lq) if not isinstance(lq, torch.Tensor) else lq).float().contiguous()
+        if hasattr(d["lq"], "as_tensor"):
+            d["lq"] = d["lq"].as_tensor()
+        return d
+
+
+class NormaliseByTaskd(MapTransform):
+    """Clip each item to its task's ``norm_range`` and map it to ``[0, 1]`` (a ScaleIntensityRanged per task).
+
+    Also sets ``task`` to the registry index and ``task_name`` to the name.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] = ("lq", "hq")) -> None:
+        super().__init__(keys)
+        self._scalers: dict[str, ScaleIntensityRanged] = {}
+
+    def _scaler(self, name: str) -> ScaleIntensityRanged:
+        if name not in self._scalers:
+            low, high = get_task(name).norm_range
+            self._scalers[name] = ScaleIntensityRanged(
+                self.keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
+            )
+        return self._scalers[name]
+
+    def __call__(self, item: Mapping) -> dict:
+        task = get_task(item["task"])
+        d = self._scaler(task.name)(dict(item))
+        for key in self.key_iterator(d):
+            d[key] = d[key].as_tensor() if hasattr(d[key], "as_tensor") else torch.as_tensor(d[key])
+        d["task_name"] = task.name
+        d["task"] = task.index
+        return d
+
+
+def _keep_sample_keys(item: Mapping) -> dict:
+    return {k: item[k] for k in ("lq", "hq", "task", "task_name", "file", "slice")}
+
+
+def restoration_transforms(
+    train: bool = True, patch_size: int | Sequence[int] = 128, seed: int = 0, axcodes: str | None = "RAS"
+) -> Compose:
+    """The deterministic (cacheable) steps followed, for training, by the shared random crop."""
+    steps: list = [LoadSlicePaird(axcodes), SimulateLowQualityd(seed), NormaliseByTaskd(), _keep_sample_keys]
+    if train:
+        size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        steps += [
+            SpatialPadd(("lq", "hq"), spatial_size=size, mode="constant", value=0.0),
+            RandSpatialCropd(("lq", "hq"), roi_size=size, random_size=False),
+            EnsureTyped(("lq", "hq"), data_type="tensor", track_meta=False),
+        ]
+    return Compose(steps)
+
+
+@contextmanager
+def plain_data_errors() -> Iterator[None]:
+    """Re-raise a :class:`DataError` hidden under MONAI's ``RuntimeError("applying transform ...")`` wrappers.
+
+    MONAI wraps every transform failure (twice: Compose, then the dataset); the user should see which file is
+    bad and why, not the name of a transform object.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class RestorationDataset(Dataset):
+    """:class:`monai.data.Dataset` whose bad-input errors surface as :class:`DataError`."""
+
+    def __getitem__(self, index):
+        with plain_data_errors():
+            return super().__getitem__(index)
+
+
+class RestorationCacheDataset(CacheDataset):
+    """:class:`monai.data.CacheDataset` (in-memory cache) whose bad-input errors surface as :class:`DataError`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        with plain_data_errors():
+            super().__init__(*args, **kwargs)
+
+    def __getitem__(self, index):
+        with plain_data_errors():
+            return super().__getitem__(index)
+
+
+class RestorationPersistentDataset(PersistentDataset):
+    """:class:`monai.data.PersistentDataset` (disk cache) whose bad-input errors surface as :class:`DataError`."""
+
+    def __getitem__(self, index):
+        with plain_data_errors():
+            return super().__getitem__(index)
+
+
+def restoration_dataset(
+    data: Sequence[dict],
+    train: bool = True,
+    patch_size: int | Sequence[int] = 128,
+    cache: str = "memory",
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    axcodes: str | None = "RAS",
+    progress: bool = False,
+) -> Dataset:
+    """A MONAI dataset of 2-D LQ/HQ samples from layout / datalist items.
+
+    Args:
+        data: items from :func:`~medir_monai.data.scan_authors_layout` or :func:`~medir_monai.data.load_datalist`;
+            volumes are cut into slices here (:func:`~medir_monai.data.expand_to_slices`).
+        train: add the shared random crop of ``patch_size`` (128 in the papers); otherwise whole slices.
+        patch_size: training window.
+        cache: ``"memory"`` (CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``.
+        cache_dir: folder of the disk cache (required for ``"disk"``).
+        num_workers: threads filling the memory cache.
+        seed: seed of the LQ simulation for HQ-only items (the crop uses MONAI's / the loader's RNG;
+            call ``dataset.transform.set_random_state(seed)`` to fix it).
+        axcodes: orientation volumes are brought to before slicing.
+        progress: show the cache-filling progress bar.
+
+    Returns:
+        the dataset; ``dataset.data`` is the list of slice items (see :func:`get_task_labels`).
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    items = expand_to_slices(data, axcodes)
+    if not items:
+        raise DataError("no slices to load: the item list is empty")
+    transform = restoration_transforms(train, patch_size, seed, axcodes)
+    if cache == "memory":
+        return RestorationCacheDataset(items, transform, num_workers=num_workers or None, progress=progress)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs cache_dir")
+        # the seed is part of each item so a different simulation seed does not reuse stale cache files
+        items = [dict(it, sim_seed=seed) for it in items]
+        return RestorationPersistentDataset(items, transform, cache_dir=cache_dir)
+    return RestorationDataset(items, transform)
+
+
+def get_task_labels(dataset_or_items) -> list[int]:
+    """Registry index of the task of every sample (``dataset.data`` or a list of items), for the sampler."""
+    items = getattr(dataset_or_items, "data", dataset_or_items)
+    return [get_task(it["task"]).index for it in items]
