@@ -39,12 +39,16 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     from .data.demo import default_demo_dir, ensure_demo_dataset
 
     out = Path(args.out) if args.out else default_demo_dir()
-    path = ensure_demo_dataset(out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet)
+    path = ensure_demo_dataset(
+        out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet, tasks=args.tasks
+    )
     print(path)
     return 0
 
 
 def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
+    from .data.demo import DEMO_TASKS
+
     p = subparsers.add_parser(
         "demo-data",
         help="build the embedded demo dataset (real scans from installed wheels; no download)",
@@ -62,6 +66,13 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="at most this many slices per task and split (small builds for tests)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(DEMO_TASKS),
+        metavar="TASK",
+        help=f"tasks to build (default: {' '.join(DEMO_TASKS)}; ct_denoise is the slow one)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_run_demo_data)

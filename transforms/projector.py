@@ -216,7 +216,7 @@ class ParallelBeamProjector:
         cols, weights = self._bins(views)
         num_active, num_views = cols.shape[0], cols.shape[1]
         num_bins = num_views * (self.num_detectors + 2)
-        crow = torch.arange(0, cols.numel() + 1, 2 * num_views, dtype=torch.int32, device=self.device)
+        crow = torch.arange(0, cols.numel() + 1, cols.shape[1] * cols.shape[2], dtype=torch.int32, device=self.device)
         pix_major = torch.sparse_csr_tensor(
             crow, cols.reshape(-1).to(torch.int32), weights.reshape(-1), (num_active, num_bins), check_invariants=False
         )
@@ -270,9 +270,8 @@ class ParallelBeamProjector:
         cols, weights = self._bins(views)
         out = torch.zeros(len(views) * (self.num_detectors + 2), cols_x.shape[1], dtype=self.dtype, device=self.device)
         for k in range(len(views)):
-            upper = cols_x * weights[:, k, 1:2]
-            out.index_add_(0, cols[:, k, 0], cols_x - upper)
-            out.index_add_(0, cols[:, k, 1], upper)
+            for e in range(cols.shape[2]):
+                out.index_add_(0, cols[:, k, e], cols_x * weights[:, k, e : e + 1])
         return out
 
     def adjoint(self, sinogram: torch.Tensor, subset: int | None = None) -> torch.Tensor:

@@ -42,8 +42,9 @@ class EpochSeedHandler:
         epoch = engine.state.epoch - 1
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        if self.dataset is not None and hasattr(self.dataset, "set_random_state"):
-            self.dataset.set_random_state(seed=(self.seed * 1_000_003 + epoch) % (2**32))
+        target = getattr(self.dataset, "transform", self.dataset)
+        if target is not None and hasattr(target, "set_random_state"):
+            target.set_random_state(seed=(self.seed * 1_000_003 + epoch) % (2**32))
 
 
 class LearningRateLogger:

@@ -1,0 +1,134 @@
+"""The data entry points the bundle configs call (``medir_monai.data.build_dataset`` etc.).
+
+``dataset_dir`` in a bundle is either a folder in the authors' layout ``<root>/<MRI|CT|PET>/<split>/<LQ|HQ>/``
+(the embedded demo set is one) or a MONAI-style JSON datalist whose lists are keyed by split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from .dataset import restoration_dataset
+from .demo import default_demo_dir, ensure_demo_dataset
+from .io import DataError, is_image_file
+from .layout import load_datalist, scan_authors_layout
+
+__all__ = ["build_dataset", "prepare_dataset_dir", "list_images", "CheckFinited", "DATALIST_SPLITS"]
+
+# split names of the authors' layout -> keys of a MONAI datalist
+DATALIST_SPLITS = {"train": "training", "validation": "validation", "test": "test"}
+
+
+def _is_default_demo(path: str | os.PathLike) -> bool:
+    return Path(path).expanduser().resolve() == Path(default_demo_dir()).expanduser().resolve()
+
+
+def prepare_dataset_dir(dataset_dir: str | os.PathLike) -> str:
+    """Make sure ``dataset_dir`` can be read: the embedded demo set is built on first use; anything else must exist."""
+    if _is_default_demo(dataset_dir):
+        return str(ensure_demo_dataset(dataset_dir))
+    path = Path(dataset_dir).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{path}: dataset_dir does not exist (give a folder in the layout <root>/<MRI|CT|PET>/<split>/<LQ|HQ>/ "
+            f"or a JSON datalist; the demo set lives in {default_demo_dir()})"
+        )
+    return str(path)
+
+
+def _even_subset(items: list[dict], limit: int | None) -> list[dict]:
+    """At most ``limit`` items per task, spread evenly over each task's (sorted) list."""
+    if limit is None:
+        return items
+    out: list[dict] = []
+    for task in dict.fromkeys(it["task"] for it in items):
+        own = [it for it in items if it["task"] == task]
+        if len(own) > limit:
+            picks = np.linspace(0, len(own) - 1, limit).round().astype(int)
+            own = [own[i] for i in picks]
+        out += own
+    return out
+
+
+def build_dataset(
+    root: str | os.PathLike,
+    split: str = "train",
+    tasks: Sequence[str] | None = None,
+    patch_size: int | Sequence[int] | None = 128,
+    cache: str = "memory",
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_per_task: int | None = None,
+    num_workers: int = 0,
+):
+    """The dataset of one split for a bundle.
+
+    Args:
+        root: authors'-layout folder or JSON datalist.
+        split: ``train``, ``validation`` or ``test``.
+        tasks: registry task names to use (default: all found).
+        patch_size: training crop (128 in the papers); ``None`` gives whole slices (validation / test).
+        cache: ``memory``, ``disk`` (in ``cache_dir``) or ``none``.
+        cache_dir: disk cache folder.
+        seed: seed of simulated LQ for HQ-only datalist items.
+        max_per_task: keep at most this many slices per task, evenly spread (quick validation).
+        num_workers: threads filling the cache.
+    """
+    root = Path(root).expanduser()
+    if root.is_file() and root.suffix.lower() == ".json":
+        items = load_datalist(root, DATALIST_SPLITS.get(split, split))
+        if tasks is not None:
+            items = [it for it in items if it["task"] in set(tasks)]
+    else:
+        items = scan_authors_layout(root, split, tasks)
+    if not items:
+        raise DataError(f"{root}: no {split!r} items for tasks {list(tasks) if tasks else 'any'}")
+    items = _even_subset(items, max_per_task)
+    if cache == "disk" and cache_dir is None:
+        raise ValueError("cache='disk' needs cache_dir")
+    return restoration_dataset(
+        items,
+        train=patch_size is not None,
+        patch_size=128 if patch_size is None else patch_size,
+        cache=cache,
+        cache_dir=cache_dir,
+        seed=seed,
+        num_workers=num_workers,
+    )
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image files (NIfTI, ITK formats, DICOM files) directly inside ``folder``, sorted; an empty folder is an error."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: input folder does not exist")
+    files = sorted(str(p) for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise DataError(f"{folder}: no image files found")
+    return files
+
+
+class CheckFinited(MapTransform):
+    """Refuse images holding NaN or Inf, naming the file (``<key>_meta_dict["filename_or_obj"]`` or the MetaTensor's)."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            if not torch.isfinite(img).all():
+                meta = getattr(d[key], "meta", None) or d.get(f"{key}_meta_dict", {})
+                name = meta.get("filename_or_obj", key) if isinstance(meta, dict) else key
+                bad = int((~torch.isfinite(img)).sum())
+                raise DataError(f"{name}: {bad} NaN/Inf values in {key!r}")
+        return d
+
