@@ -180,6 +180,25 @@ def test_expand_shape_mismatch_names_both_volumes(tmp_path):
         expand_to_slices([{"task": "mri_sr", "hq": str(hq), "lq": str(lq)}])
 
 
+def test_hq_only_items_get_simulated_lq_seeded_per_slice(tmp_path):
+    vol = np.full((48, 48, 2), -1024.0, np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    vol[(yy - 24) ** 2 + (xx - 24) ** 2 < 18**2] = 40.0  # a water-like disc in air
+    hq = write_nifti(tmp_path / "ct.nii.gz", vol)
+    items = [{"task": "ct_denoise", "hq": str(hq), "lq": None}]
+    a = restoration_dataset(items, train=False, seed=1)
+    b = restoration_dataset(items, train=False, cache="none", seed=1)
+    c = restoration_dataset(items, train=False, seed=2)
+    assert len(a) == 2
+    s0, s1 = a[0], a[1]
+    assert not torch.equal(s0["lq"], s0["hq"])  # noise was added
+    assert torch.equal(s0["lq"], b[0]["lq"])  # cached == uncached: seeded per slice
+    assert not torch.equal(s0["lq"], c[0]["lq"])  # another seed, another realisation
+    assert not torch.equal(s0["lq"] - s0["hq"], s1["lq"] - s1["hq"])  # slices get independent noise
+    disc = s0["hq"][0] > 0.2
+    assert abs(float((s0["lq"][0] - s0["hq"][0])[disc].mean())) < 0.01  # noise, no bias
+
+
 # ---- datasets ------------------------------------------------------------------------------------------
 def test_training_samples_share_one_random_window(tmp_path):
     make_layout(tmp_path, "MRI", "train", ["a.nii", "b.nii"], shape=(150, 140))

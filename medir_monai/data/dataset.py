@@ -14,8 +14,8 @@ Samples: ``{"lq": (1,H,W) float32 in [0,1], "hq": (1,H,W) float32 in [0,1], "tas
 whole slices; their sizes differ between tasks, so evaluate with ``batch_size=1``.
 
 Simulation runs in physical units (HU, SUV, raw MRI intensity), before normalisation, because the physics
-(attenuation, counts) needs them. It is seeded per slice from ``(seed, file, slice)``, so a cached and an
-uncached run, or two workers, produce the same LQ.
+(attenuation, counts) needs them. It is seeded per slice from ``(seed, task, file name, slice)``, so a cached and an
+uncached run, two workers or two machines produce the same LQ.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -61,10 +61,24 @@ __all__ = [
 CACHE_MODES = ("memory", "disk", "none")
 
 
+def _cached_volume(path: str, axcodes: str | None) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """A volume as a plain tensor and its in-plane spacing in mm (``None`` when the file has none, e.g.
+    ``.bin``); recently used ones are kept (consecutive slice items share a file), keyed by modification
+    time so a rewritten file is read again."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = 0  # load_volume raises the clear error
+    return _recent_volume(path, stamp, axcodes)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_volume(path: str, axcodes: str | None) -> torch.Tensor:
-    """Recently used volumes (consecutive slice items share one file); small to bound memory."""
-    return load_volume(path, axcodes)
+def _recent_volume(path: str, stamp: int, axcodes: str | None) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    volume = load_volume(path, axcodes)
+    spacing = None
+    if isinstance(volume, MetaTensor) and not str(path).lower().endswith(".bin"):
+        spacing = tuple(float(v) for v in volume.pixdim[:2])
+    return volume.as_tensor() if isinstance(volume, MetaTensor) else volume, spacing
 
 
 def _take_slice(volume: torch.Tensor, index: int) -> torch.Tensor:
@@ -90,12 +104,12 @@ class LoadSlicePaird(Transform):
     def __call__(self, item: Mapping) -> dict:
         d = dict(item)
         index = int(d.get("slice", WHOLE_FILE))
-        hq_vol = _cached_volume(str(d["hq"]), self.axcodes)
+        hq_vol, d["spacing"] = _cached_volume(str(d["hq"]), self.axcodes)
         d["hq"] = _take_slice(hq_vol, index)[None].float().contiguous()
         d["file"] = str(item["hq"])
         d["slice"] = index
         if d.get("lq") is not None:
-            lq_vol = _cached_volume(str(d["lq"]), self.axcodes)
+            lq_vol, _ = _cached_volume(str(d["lq"]), self.axcodes)
             check_same_shape(lq_vol, hq_vol, item["lq"], item["hq"])
             d["lq"] = _take_slice(lq_vol, index)[None].float().contiguous()
         else:
@@ -110,17 +124,19 @@ def degradation_for(task: str, **overrides) -> Transform:
     task = get_task(task)
     import medir_monai.transforms as mt
 
-    if not task.degradation or not hasattr(mt, task.degradation):
+    cls = getattr(mt, task.degradation, None) if task.degradation else None
+    if cls is None:
         raise DataError(
             f"task {task.name!r}: degradation transform {task.degradation!r} not found in medir_monai.transforms; "
             "items of this task need an 'lq' file"
         )
-    return getattr(mt, task.degradation)(**{**task.degradation_args, **overrides})
+    return cls(**{**task.degradation_args, **overrides})
 
 
-def _slice_seed(seed: int, file: str, index: int) -> int:
-    """Stable 32-bit seed of one slice (independent of item order, worker and process)."""
-    digest = hashlib.sha256(f"{seed}|{file}|{index}".encode()).digest()
+def _slice_seed(seed: int, task: str, file: str, index: int) -> int:
+    """Stable 32-bit seed of one slice: independent of item order, worker, process and of the folder the
+    data lives in (only the file name counts)."""
+    digest = hashlib.sha256(f"{seed}|{task}|{os.path.basename(file)}|{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -150,11 +166,16 @@ class SimulateLowQualityd(Transform):
             return d
         degrade = self._degradation(d["task"])
         if hasattr(degrade, "set_random_state"):
-            degrade.set_random_state(seed=_slice_seed(self.seed, d["file"], d["slice"]))
-        lq = degrade(d["hq"])
-        d["lq"] = torch.as_tensor(np.asarray(lq) if not isinstance(lq, torch.Tensor) else lq).float().contiguous()
-        if hasattr(d["lq"], "as_tensor"):
-            d["lq"] = d["lq"].as_tensor()
+            degrade.set_random_state(seed=_slice_seed(self.seed, d["task"], d["file"], d["slice"]))
+        hq = d["hq"]
+        if d.get("spacing") is not None:  # the physics reads the pixel size from the affine
+            hq = MetaTensor(hq, affine=torch.diag(torch.tensor([*d["spacing"], 1.0, 1.0], dtype=torch.float64)))
+        try:
+            lq = degrade(hq)
+        except ValueError as err:
+            raise DataError(f"{d['file']} (slice {d['slice']}): cannot simulate LQ for {d['task']!r}: {err}") from err
+        lq = lq.as_tensor() if isinstance(lq, MetaTensor) else torch.as_tensor(np.asarray(lq))
+        d["lq"] = lq.float().contiguous()
         return d
 
 

@@ -230,7 +230,7 @@ def _mni(name: str) -> np.ndarray:
 
 
 def _build_mri(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
-    from medir_monai.transforms import KSpaceTruncate
+    from medir_monai.transforms.kspace import KSpaceTruncate
 
     task = get_task("mri_sr")
     t1 = _mni("t1") * MRI_INTENSITY_SCALE
@@ -330,7 +330,7 @@ def _pet_phantom() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
-    from medir_monai.transforms import simulate_pet_pair
+    from medir_monai.transforms.lowdose import simulate_pet_pair
 
     task = get_task("pet_synthesis")
     suv, mu = _pet_phantom()

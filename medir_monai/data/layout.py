@@ -23,7 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from monai.data import load_decathlon_datalist
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import Orientation
 
 from ..tasks import UnknownTaskError, get_task, task_names
 from .io import IMAGE_SUFFIXES, DataError, load_image
@@ -193,17 +194,16 @@ def load_datalist(
 
 
 # ---- volumes -> 2-D slices ------------------------------------------------------------------------------
-def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> torch.Tensor:
+def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> MetaTensor:
     """Load a 2-D slice or 3-D volume in physical units; 3-D volumes are re-oriented to ``axcodes``.
 
-    Slices are later taken along the last axis (axial for ``"RAS"``). Returns a plain tensor.
+    Slices are later taken along the last axis (axial for ``"RAS"``), so ``pixdim[:2]`` is the in-plane
+    spacing.
     """
     x = load_image(path, ndim=(2, 3))
     if x.ndim == 3 and axcodes is not None:
-        from monai.transforms import Orientation
-
         x = Orientation(axcodes=axcodes, labels=_RAS_LABELS)(x[None])[0]
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+    return x
 
 
 def kept_slice_indices(volume: torch.Tensor, task: str) -> list[int]:
