@@ -71,6 +71,7 @@ __all__ = [
     "check_output_path",
     "task_unit_factor",
     "input_kind",
+    "restore_inputs",
 ]
 
 DEFAULT_ROI_SIZE = (128, 128)
@@ -900,3 +901,28 @@ class Restorer:
     def restore_array(self, image: torch.Tensor | np.ndarray, task: str | Task, **sw_kwargs: Any):
         """:func:`restore_array` with this restorer's network and settings."""
         return restore_array(self.network, image, task, **{**self.sw_kwargs, **sw_kwargs})
+
+
+def restore_inputs(
+    restorer: Restorer,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    task: str | Task | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Restore one input (a file or a DICOM series folder) or every image file of a plain folder into ``output_dir``.
+
+    A folder holding ``.dcm`` files (or files without a suffix) is one DICOM series; a folder of NIfTI / ITK files is
+    restored file by file. Output names come from :func:`output_path_for`.
+    """
+    source = Path(input_path).expanduser()
+    if not source.exists():
+        raise DataError(f"{source}: input does not exist")
+    out_dir = Path(output_dir).expanduser()
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")) if source.is_dir() else []
+    plain_folder = bool(files) and all(_has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES) for p in files)
+    if source.is_dir() and plain_folder:
+        inputs = files
+    else:
+        inputs = [source]
+    return [restorer(p, output_path_for(p, out_dir), task=task, overwrite=overwrite) for p in inputs]

@@ -159,6 +159,7 @@ class TATLossBalancing(nn.Module):
         self._check(restored, target, lq)
         stats = self.loss_statistics(restored, target, lq)  # [B, 3]
         sigma = self.weight_estimator(stats.detach())  # [B]
+        self.last_sigma = sigma.detach()  # for logging
         return uncertainty_weighted(stats[:, 2], sigma, self.eps).mean()
 
     @staticmethod

@@ -104,7 +104,8 @@ def test_lq_hq_shape_mismatch_is_named_when_loaded(tmp_path):
     write_nifti(tmp_path / "MRI" / "train" / "LQ" / "s.nii", np.zeros((40, 30)))
     items = scan_authors_layout(tmp_path, "train")  # names pair up; shapes are checked on load
     ds = restoration_dataset(items, train=False, cache="none")
-    with pytest.raises(DataError, match=r"LQ/HQ shape mismatch: LQ .*LQ/s\.nii has shape \(40, 30\) but HQ .*HQ/s\.nii"):
+    msg = r"LQ/HQ shape mismatch: LQ .*LQ/s\.nii has shape \(40, 30\) but HQ .*HQ/s\.nii"
+    with pytest.raises(DataError, match=msg):
         ds[0]
 
 
@@ -133,7 +134,8 @@ def test_datalist_paired_and_hq_only_items(tmp_path):
 def test_datalist_unknown_task_lists_known_tasks(tmp_path):
     write_nifti(tmp_path / "v.nii.gz", np.zeros((8, 8, 3)))
     (tmp_path / "dl.json").write_text(json.dumps({"training": [{"hq": "v.nii.gz", "task": "xray_sr"}]}))
-    with pytest.raises(UnknownTaskError, match=r"dl\.json: 'training' item 0: unknown task 'xray_sr'; known tasks: mri_sr"):
+    msg = r"dl\.json: 'training' item 0: unknown task 'xray_sr'; known tasks: mri_sr, ct_denoise, pet_synthesis"
+    with pytest.raises(UnknownTaskError, match=msg):
         load_datalist(tmp_path / "dl.json")
 
 
@@ -181,18 +183,19 @@ def test_expand_shape_mismatch_names_both_volumes(tmp_path):
 
 
 def test_hq_only_items_get_simulated_lq_seeded_per_slice(tmp_path):
-    vol = np.full((48, 48, 2), -1024.0, np.float32)
+    vol = np.full((48, 48, 4), -1024.0, np.float32)
     yy, xx = np.mgrid[:48, :48]
     vol[(yy - 24) ** 2 + (xx - 24) ** 2 < 18**2] = 40.0  # a water-like disc in air
     hq = write_nifti(tmp_path / "ct.nii.gz", vol)
     items = [{"task": "ct_denoise", "hq": str(hq), "lq": None}]
-    a = restoration_dataset(items, train=False, seed=1)
+    a = restoration_dataset(items, train=False, seed=1, num_workers=2)  # cache filled by two threads
     b = restoration_dataset(items, train=False, cache="none", seed=1)
     c = restoration_dataset(items, train=False, seed=2)
-    assert len(a) == 2
+    assert len(a) == 4
     s0, s1 = a[0], a[1]
     assert not torch.equal(s0["lq"], s0["hq"])  # noise was added
-    assert torch.equal(s0["lq"], b[0]["lq"])  # cached == uncached: seeded per slice
+    for k in range(4):  # cached (threaded) == uncached: seeded per slice
+        assert torch.equal(a[k]["lq"], b[k]["lq"]), k
     assert not torch.equal(s0["lq"], c[0]["lq"])  # another seed, another realisation
     assert not torch.equal(s0["lq"] - s0["hq"], s1["lq"] - s1["hq"])  # slices get independent noise
     disc = s0["hq"][0] > 0.2
@@ -205,7 +208,6 @@ def test_training_samples_share_one_random_window(tmp_path):
     make_layout(tmp_path, "CT", "train", ["c.nii"], shape=(130, 160), low=-1024, high=3071)
     ds = restoration_dataset(scan_authors_layout(tmp_path, "train"), train=True, patch_size=128)
     assert get_task_labels(ds) == [0, 0, 1]
-    crops = []
     for i in range(len(ds)):
         s = ds[i]
         assert set(s) == {"lq", "hq", "task", "task_name", "file", "slice"}
@@ -217,7 +219,6 @@ def test_training_samples_share_one_random_window(tmp_path):
             torch.testing.assert_close(s["lq"], s["hq"] / 2, atol=1e-6, rtol=0)
         else:
             torch.testing.assert_close(s["lq"], s["hq"], atol=1e-6, rtol=0)
-        crops.append(s["hq"])
     # windows are random: two draws of the same item differ
     assert not torch.equal(ds[0]["hq"], ds[0]["hq"])
 

@@ -1,1 +1,58 @@
-"""MONAI transforms for medical image degradation (installed as ``medir_monai.transforms``)."""
+"""MONAI transforms for medical image degradation (installed as ``medir_monai.transforms``).
+
+Imports MONAI / torch / numpy only (never ``medir_monai``): task ranges are passed in by callers.
+"""
+
+from .kspace import KSpaceTruncate, KSpaceTruncated, central_window, kspace_mask, kspace_truncate
+from .lowdose import (
+    CT_FULL_DOSE_PHOTONS,
+    MU_WATER_PER_MM,
+    PET_FULL_COUNTS,
+    LowDoseCT,
+    LowDoseCTd,
+    LowDosePET,
+    LowDosePETd,
+    gaussian_blur,
+    osem,
+    simulate_low_dose_ct,
+    simulate_pet_pair,
+)
+from .projector import FBP_FILTERS, ParallelBeamProjector, ramp_filter
+from .slices import (
+    Denormalise,
+    Denormalised,
+    ExtractSlicesd,
+    Normalise,
+    Normalised,
+    extract_slices,
+    select_slices,
+)
+
+__all__ = [
+    "CT_FULL_DOSE_PHOTONS",
+    "FBP_FILTERS",
+    "MU_WATER_PER_MM",
+    "PET_FULL_COUNTS",
+    "Denormalise",
+    "Denormalised",
+    "ExtractSlicesd",
+    "KSpaceTruncate",
+    "KSpaceTruncated",
+    "LowDoseCT",
+    "LowDoseCTd",
+    "LowDosePET",
+    "LowDosePETd",
+    "Normalise",
+    "Normalised",
+    "ParallelBeamProjector",
+    "central_window",
+    "extract_slices",
+    "gaussian_blur",
+    "kspace_mask",
+    "kspace_truncate",
+    "osem",
+    "ramp_filter",
+    "select_slices",
+    "simulate_low_dose_ct",
+    "simulate_pet_pair",
+]

@@ -29,6 +29,7 @@ theta=degrees(theta), circle=...)`` transposed; with even sizes scikit-image put
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -167,8 +168,8 @@ class ParallelBeamProjector:
             active = grid_x**2 + grid_y**2 <= radius**2 + 1e-9
         self.mask = active.to(self.device)  # (H, W)
         self._flat_active = torch.nonzero(active.reshape(-1)).squeeze(1).to(self.device)  # (P,)
-        self._px = grid_x.reshape(-1)[active.reshape(-1)]
-        self._py = grid_y.reshape(-1)[active.reshape(-1)]
+        self._px = grid_x.reshape(-1)[active.reshape(-1)].to(dtype)  # (P,)
+        self._py = grid_y.reshape(-1)[active.reshape(-1)].to(dtype)
         num_active = self._px.numel()
 
         self.num_subsets = int(num_subsets)
@@ -181,6 +182,8 @@ class ParallelBeamProjector:
             for views in self.subset_views
         ]
         self.cached = 32 * num_active * self.num_views <= cache_mb * 2**20
+        # uncached forward projection: transposing a block costs about as much as scattering ~50 slices
+        self.transpose_min_batch = 48
         self._cache: dict[tuple[int, ...], _Block] = {}
 
     @property
@@ -199,36 +202,46 @@ class ParallelBeamProjector:
 
     # ---- sparse blocks --------------------------------------------------------------------------
     def _bins(self, views: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded-detector bin index ``(P, Vb, 2)`` and weights ``(P, Vb, 2)`` of a block of views.
+        """First padded-detector column ``(P, Vb)`` (int32, view offset included) and its weight ``(P, Vb)``.
 
         Box footprint (distance-driven): the pixel's shadow is ``w = max(|cos|, |sin|)`` bins wide, centred
-        at ``u``; it meets at most two bins and gives each its overlap length over ``w``.
+        at ``u``; it meets bins ``first`` and ``first + 1`` and gives each its overlap length over ``w``
+        (the second weight is ``1 - share``). Computed in the matrices' dtype (float32: bin positions to
+        about 1e-4 bin), in place, as this dominates the cost of uncached projections.
         """
         theta = self.angles[list(views)]
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        u = self._px[:, None] * cos[None] + self._py[:, None] * sin[None] + (self.num_detectors - 1) / 2.0  # (P, Vb)
+        cos = torch.cos(theta).to(self.dtype)
+        sin = torch.sin(theta).to(self.dtype)
         width = torch.maximum(cos.abs(), sin.abs())[None]  # (1, Vb), in [1/sqrt(2), 1]
-        left = u - width / 2.0
-        first = torch.floor(left + 0.5)  # bin holding the left edge; bin k spans [k - 1/2, k + 1/2)
-        share = ((first + 0.5 - left).clamp(max=width) / width).to(self.dtype)
+        # left edge of the shadow, shifted by +1/2 so that floor() gives the bin holding it
+        left = torch.outer(self._px, cos).addcmul_(self._py[:, None], sin[None])
+        left.add_((self.num_detectors - 1) / 2.0 + 0.5).sub_(width / 2.0)  # (P, Vb)
+        first = torch.floor(left)
+        share = first.sub(left).add_(1.0).clamp_(max=width).div_(width)  # overlap with bin `first`, over w
         # padded detector: bins 0 and D + 1 are guard bins, dropped after projection
-        offset = torch.arange(len(views), dtype=torch.int64)[None] * (self.num_detectors + 2)
-        col = first.to(torch.int64) + 1 + offset
-        cols = torch.stack([col, col + 1], dim=-1)
-        weights = torch.stack([share, 1.0 - share], dim=-1)
-        return cols.to(self.device), weights.to(self.device)
+        offset = torch.arange(len(views), dtype=self.dtype)[None] * (self.num_detectors + 2) + 1
+        first = first.add_(offset).to(torch.int32)
+        return first.to(self.device), share.to(self.device)
 
     def _block(self, views: tuple[int, ...]) -> _Block:
         block = self._cache.get(views)
         if block is not None:
             return block
-        cols, weights = self._bins(views)
-        num_active, num_views = cols.shape[0], cols.shape[1]
+        first, share = self._bins(views)
+        num_active, num_views = first.shape
+        cols = torch.empty(num_active, num_views, 2, dtype=torch.int32, device=self.device)
+        cols[..., 0] = first
+        cols[..., 1] = first + 1
+        weights = torch.empty(num_active, num_views, 2, dtype=self.dtype, device=self.device)
+        weights[..., 0] = share
+        torch.sub(1.0, share, out=weights[..., 1])
         num_bins = num_views * (self.num_detectors + 2)
-        crow = torch.arange(0, cols.numel() + 1, cols.shape[1] * cols.shape[2], dtype=torch.int32, device=self.device)
-        pix_major = torch.sparse_csr_tensor(
-            crow, cols.reshape(-1).to(torch.int32), weights.reshape(-1), (num_active, num_bins), check_invariants=False
-        )
+        crow = torch.arange(0, cols.numel() + 1, 2 * num_views, dtype=torch.int32, device=self.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are stable
+            warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+            pix_major = torch.sparse_csr_tensor(
+                crow, cols.view(-1), weights.view(-1), (num_active, num_bins), check_invariants=False
+            )
         bin_major = pix_major.t().to_sparse_csr() if self.cached else None
         block = _Block(pix_major, bin_major, num_views)
         if self.cached:
@@ -265,23 +278,25 @@ class ParallelBeamProjector:
         cols_x = image.reshape(batch, -1)[:, self._flat_active].T.contiguous()  # (P, B)
         out = torch.zeros(batch, len(out_views), stride, dtype=self.dtype, device=self.device)
         for views in chunks:
-            block = self._block(views)
-            if block.bin_major is not None:
-                proj = block.bin_major @ cols_x  # (Vb * (D + 2), B)
-            else:
-                proj = self._scatter(cols_x, views)
+            if self.cached:
+                proj = self._block(views).bin_major @ cols_x  # (Vb * (D + 2), B)
+            elif batch >= self.transpose_min_batch:  # converting the block pays off over many slices
+                proj = self._block(views).pix_major.t().to_sparse_csr() @ cols_x
+            else:  # scatter in groups of a few slices (keeps the working set in cache)
+                proj = torch.cat([self._scatter(part, views) for part in cols_x.split(8, dim=1)], dim=1)
             index = torch.tensor([position[v] for v in views], device=self.device)
             out[:, index] = proj.T.reshape(batch, len(views), stride)
         return out[..., 1:-1] * self.pixel_size_mm
 
     def _scatter(self, cols_x: torch.Tensor, views: Sequence[int]) -> torch.Tensor:
         """Forward projection of a block without the bin-major matrix (scatter-add, one view at a time)."""
-        cols, weights = self._bins(views)
+        first, share = self._bins(views)
         out = torch.zeros(len(views) * (self.num_detectors + 2), cols_x.shape[1], dtype=self.dtype, device=self.device)
         for k in range(len(views)):
-            for e in range(cols.shape[2]):
-                index = cols[:, k, e : e + 1].expand_as(cols_x)
-                out.scatter_add_(0, index, cols_x * weights[:, k, e : e + 1])
+            index = first[:, k : k + 1].to(torch.int64).expand_as(cols_x)
+            lower = cols_x * share[:, k : k + 1]
+            out.scatter_add_(0, index, lower)
+            out.scatter_add_(0, index + 1, cols_x - lower)
         return out
 
     def adjoint(self, sinogram: torch.Tensor, subset: int | None = None) -> torch.Tensor:

@@ -30,3 +30,9 @@ __all__ = [
     "NormaliseByTaskd",
     "TaskBalancedBatchSampler",
 ]
+
+# entry points of the bundle configs
+from .bundle_data import CheckFinited, build_dataset, list_images, prepare_dataset_dir  # noqa: E402
+from .demo import default_demo_dir, ensure_demo_dataset  # noqa: E402
+
+__all__ += ["CheckFinited", "build_dataset", "list_images", "prepare_dataset_dir", "default_demo_dir", "ensure_demo_dataset"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
+import pkgutil
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -119,12 +121,22 @@ class LoadSlicePaird(Transform):
         return d
 
 
+def _find_transform(name: str):
+    """``medir_monai.transforms.<name>``, also looked up in its sub-modules when the package does not re-export it."""
+    import medir_monai.transforms as mt
+
+    found = getattr(mt, name, None)
+    for info in pkgutil.iter_modules(mt.__path__) if found is None else ():
+        found = getattr(importlib.import_module(f"{mt.__name__}.{info.name}"), name, None)
+        if found is not None:
+            break
+    return found
+
+
 def degradation_for(task: str, **overrides) -> Transform:
     """The task's default degradation transform (``Task.degradation`` in ``medir_monai.transforms``)."""
     task = get_task(task)
-    import medir_monai.transforms as mt
-
-    cls = getattr(mt, task.degradation, None) if task.degradation else None
+    cls = _find_transform(task.degradation) if task.degradation else None
     if cls is None:
         raise DataError(
             f"task {task.name!r}: degradation transform {task.degradation!r} not found in medir_monai.transforms; "
@@ -153,18 +165,14 @@ class SimulateLowQualityd(Transform):
     def __init__(self, seed: int = 0, degradation_overrides: Mapping[str, dict] | None = None) -> None:
         self.seed = seed
         self.overrides = dict(degradation_overrides or {})
-        self._transforms: dict[str, Transform] = {}
-
-    def _degradation(self, task: str) -> Transform:
-        if task not in self._transforms:
-            self._transforms[task] = degradation_for(task, **self.overrides.get(task, {}))
-        return self._transforms[task]
 
     def __call__(self, item: Mapping) -> dict:
         d = dict(item)
         if d.get("lq") is not None:
             return d
-        degrade = self._degradation(d["task"])
+        # a fresh (cheap) transform per slice: CacheDataset fills its cache from several threads, and a shared
+        # randomizable transform would mix up their seeds
+        degrade = degradation_for(d["task"], **self.overrides.get(d["task"], {}))
         if hasattr(degrade, "set_random_state"):
             degrade.set_random_state(seed=_slice_seed(self.seed, d["task"], d["file"], d["slice"]))
         hq = d["hq"]
@@ -292,7 +300,7 @@ def restoration_dataset(
         patch_size: training window.
         cache: ``"memory"`` (CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``.
         cache_dir: folder of the disk cache (required for ``"disk"``).
-        num_workers: threads filling the memory cache.
+        num_workers: threads filling the memory cache (0 or 1: the calling thread's pace, one at a time).
         seed: seed of the LQ simulation for HQ-only items (the crop uses MONAI's / the loader's RNG;
             call ``dataset.transform.set_random_state(seed)`` to fix it).
         axcodes: orientation volumes are brought to before slicing.
@@ -308,7 +316,7 @@ def restoration_dataset(
         raise DataError("no slices to load: the item list is empty")
     transform = restoration_transforms(train, patch_size, seed, axcodes)
     if cache == "memory":
-        return RestorationCacheDataset(items, transform, num_workers=num_workers or None, progress=progress)
+        return RestorationCacheDataset(items, transform, num_workers=max(1, num_workers), progress=progress)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")

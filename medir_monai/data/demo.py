@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -215,11 +216,11 @@ def _pad_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _split_planes(z_range, held_out, gap) -> dict[str, list[int]]:
     """Planes per split: held-out blocks for validation / test, the rest minus ``gap`` planes around them."""
-    planes = {split: list(range(*block)) for split, block in held_out.items()}
     blocked = set()
     for start, stop in held_out.values():
         blocked.update(range(start - gap, stop + gap))
-    planes["train"] = [z for z in range(*z_range) if z not in blocked]
+    planes = {"train": [z for z in range(*z_range) if z not in blocked]}
+    planes.update({split: list(range(*block)) for split, block in held_out.items()})
     return planes
 
 
@@ -363,7 +364,8 @@ _BUILDERS = {"mri_sr": _build_mri, "ct_denoise": _build_ct, "pet_synthesis": _bu
 def _sources_markdown(counts: dict, seed: int, max_slices: int | None) -> str:
     nilearn_v, pydicom_v, pdd_v = _version("nilearn"), _version("pydicom"), _version("pydicom-data")
     ct_rows = "\n".join(
-        f"| {s.name} | `{s.distribution}` {_version(s.distribution)} | `{s.module}/{s.relpath}` | {s.region} | {s.split} |"
+        f"| {s.name} | `{s.distribution}` {_version(s.distribution)} | `{s.module}/{s.relpath}` "
+        f"| {s.region} | {s.split} |"
         for s in CT_SOURCES
     )
     table = "\n".join(
@@ -389,10 +391,11 @@ demonstration only; not for clinical use, and not comparable with the papers' nu
   requiring the copyright statement (see http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009);
   nilearn's own description lists the licence as "unknown".
 - **Contrast is T1**, not the T2 of IXI used in the papers. One (average) brain only.
-- HQ: axial planes z = {MRI_Z_RANGE[0]}..{MRI_Z_RANGE[1] - 1}, zero-padded to 256 x 256, intensities x {MRI_INTENSITY_SCALE}
-  (0..255 -> 0..3060 raw units, inside the [0, 4095] range the task normalises).
+- HQ: axial planes z = {MRI_Z_RANGE[0]}..{MRI_Z_RANGE[1] - 1}, zero-padded to 256 x 256, intensities
+  x {MRI_INTENSITY_SCALE} (0..255 -> 0..3060 raw units, inside the [0, 4095] range the task normalises).
 - Split by plane: validation z in [{MRI_HELD_OUT["validation"][0]}, {MRI_HELD_OUT["validation"][1]}), test z in
-  [{MRI_HELD_OUT["test"][0]}, {MRI_HELD_OUT["test"][1]}), training the rest minus {MRI_GAP} planes on each side of those blocks.
+  [{MRI_HELD_OUT["test"][0]}, {MRI_HELD_OUT["test"][1]}), training the rest minus {MRI_GAP} planes on each side
+  of those blocks.
 - LQ (simulated): `medir_monai.transforms.KSpaceTruncate({get_task("mri_sr").degradation_args})`: 2-D FFT,
   keep the central 1/4 of each axis (6.25 % of k-space), zero-fill, inverse FFT, magnitude.
 
@@ -407,11 +410,11 @@ demonstration only; not for clinical use, and not comparable with the papers' nu
   from issue 1149). Compressed ones are decoded by pylibjpeg (JPEG 2000 / JPEG lossless).
 - HQ: the slice in HU (RescaleSlope / RescaleIntercept applied), clipped to [-1024, 3071] HU (the
   -2000 / -3024 outside the scan circle become air), stored as int16 with the DICOM pixel spacing.
-- LQ (simulated): `medir_monai.transforms.simulate_low_dose_ct(**{CT_SIM_ARGS})` with the slice's pixel
-  size and {720 // CT_VIEWS}x the default photons per view ({CT_VIEWS} instead of 720 views: same total dose and noise
-  level, half the build time): parallel-beam projection, Poisson noise at a quarter of the full-dose photon count, the noise
-  reconstructed by FBP (Ram-Lak) and added to the HQ image. The HQ slice is itself a clinical (full-dose)
-  image with its own noise.
+- LQ (simulated): `medir_monai.transforms.simulate_low_dose_ct(**{CT_SIM_ARGS})` with the slice's
+  pixel size and {720 // CT_VIEWS}x the default photons per view ({CT_VIEWS} instead of 720 views: same total
+  dose and noise level, half the build time): parallel-beam projection, Poisson noise at a quarter of
+  the full-dose photon count, the noise reconstructed by FBP (Ram-Lak) and added to the HQ image. The
+  HQ slice is itself a clinical (full-dose) image with its own noise.
 - Counts: per slice, {CT_REALISATIONS} independent noise realisations (train / validation / test),
   each stored 4 times: as is, flipped left-right, up-down, and both (LQ and HQ flipped together). HQ
   images therefore repeat. Test and validation slices are other patients / regions than the training ones.
@@ -419,8 +422,9 @@ demonstration only; not for clinical use, and not comparable with the papers' nu
 ## PET (`PET/`, task `pet_synthesis`): fully simulated
 - **No real PET data ships in any wheel; this PET is simulated** from the MNI152 2009a grey / white
   matter probability maps (`nilearn/{NILEARN_DATA}/{MNI_FILES["gm"]}`, `{MNI_FILES["wm"]}`).
-- Activity (FDG-like, SUV): {PET_SUV["gm"]} x p(GM) + {PET_SUV["wm"]} x p(WM) + {PET_SUV["csf"]} x (rest of the brain mask)
-  + {PET_SUV["shell"]} in a {PET_SHELL_MM:g} mm shell around the brain (skull / scalp); GM:WM = {PET_SUV["gm"] / PET_SUV["wm"]:g}:1.
+- Activity (FDG-like, SUV): {PET_SUV["gm"]} x p(GM) + {PET_SUV["wm"]} x p(WM) + {PET_SUV["csf"]} x (rest of
+  the brain mask) + {PET_SUV["shell"]} in a {PET_SHELL_MM:g} mm shell around the brain (skull / scalp);
+  GM:WM = {PET_SUV["gm"] / PET_SUV["wm"]:g}:1.
   Attenuation: {PET_MU_PER_MM}/mm (water at 511 keV) inside brain and shell. Resampled to 2 mm voxels
   (2 x 2 x 2 mean), slices padded to 128 x 128.
 - `medir_monai.transforms.simulate_pet_pair(pixel_size_mm={PET_PIXEL_MM}, **{PET_SIM_ARGS})`: PSF blur,
@@ -428,8 +432,8 @@ demonstration only; not for clinical use, and not comparable with the papers' nu
   thinning of the same prompts to 1/12 (list-mode decimation); both reconstructed by the same OSEM with
   attenuation, randoms and PSF modelling. HQ = full-count OSEM, LQ = 1/12-count OSEM, both in SUV.
 - Split by 2 mm plane: validation [{PET_HELD_OUT["validation"][0]}, {PET_HELD_OUT["validation"][1]}), test
-  [{PET_HELD_OUT["test"][0]}, {PET_HELD_OUT["test"][1]}), training planes {PET_Z_RANGE[0]}..{PET_Z_RANGE[1] - 1} minus {PET_GAP} plane around those; {PET_REALISATIONS}
-  independent count realisations per plane.
+  [{PET_HELD_OUT["test"][0]}, {PET_HELD_OUT["test"][1]}), training planes {PET_Z_RANGE[0]}..{PET_Z_RANGE[1] - 1}
+  minus {PET_GAP} plane around those; {PET_REALISATIONS} independent count realisations per plane.
 """
 
 
@@ -445,8 +449,8 @@ def _check_target(out: Path) -> None:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise DataError(
-                f"{out}: folder is not empty and does not look like a medir demo folder (found {', '.join(foreign[:5])}); "
-                "choose a new or empty folder"
+                f"{out}: folder is not empty and does not look like a medir demo folder "
+                f"(found {', '.join(foreign[:5])}); choose a new or empty folder"
             )
 
 
@@ -471,7 +475,7 @@ def demo_is_complete(
         folder = get_task(task).folder
         for split, names in splits.items():
             for name in names:
-                if not (out / folder / split / "HQ" / name).is_file() or not (out / folder / split / "LQ" / name).is_file():
+                if not all((out / folder / split / pair / name).is_file() for pair in ("HQ", "LQ")):
                     return False
     return True
 
@@ -539,7 +543,9 @@ def build_demo_dataset(
         builder = _BUILDERS[task]
         t0 = time.perf_counter()
         log(f"medir demo-data: building {task} in {out}")
-        files[task] = builder(out, max_slices, seed, log)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            files[task] = builder(out, max_slices, seed, log)
         timings[task] = round(time.perf_counter() - t0, 1)
     _remove_stale(out, files)
     _atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices).encode())

@@ -119,7 +119,8 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only tensors are allowed)") from None
+            msg = f"refusing to load global {module}.{name} (only tensors are allowed)"
+            raise pickle.UnpicklingError(msg) from None
 
 
 def load_bin(path: str | os.PathLike) -> torch.Tensor:
@@ -188,7 +189,9 @@ def check_image(x: torch.Tensor, path: str | os.PathLike, ndim: Sequence[int] = 
     x = _squeeze_extra_axes(x, max(ndim))
     if x.ndim not in ndim:
         want = " or ".join(f"{n}-D" for n in ndim)
-        raise DataError(f"{path}: wrong dimensionality: image is {x.ndim}-D with shape {tuple(x.shape)}, expected {want}")
+        raise DataError(
+            f"{path}: wrong dimensionality: image is {x.ndim}-D with shape {tuple(x.shape)}, expected {want}"
+        )
     if x.numel() == 0:
         raise DataError(f"{path}: image is empty (shape {tuple(x.shape)})")
     finite = torch.isfinite(x)

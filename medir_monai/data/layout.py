@@ -27,7 +27,7 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import Orientation
 
 from ..tasks import UnknownTaskError, get_task, task_names
-from .io import IMAGE_SUFFIXES, DataError, load_image
+from .io import DataError, load_image
 
 __all__ = [
     "SPLITS",
@@ -115,7 +115,9 @@ def scan_authors_layout(
         for name in PAIR_FOLDERS:
             pair_dirs[name] = _child_dir(split_dir, name)
             if pair_dirs[name] is None:
-                raise DataError(f"{split_dir / name}: folder does not exist (expected {split_dir}/LQ and {split_dir}/HQ)")
+                raise DataError(
+                    f"{split_dir / name}: folder does not exist (expected {split_dir}/LQ and {split_dir}/HQ)"
+                )
         lq_files = _image_files(pair_dirs["LQ"], suffixes)
         hq_files = _image_files(pair_dirs["HQ"], suffixes)
         for name, path in lq_files.items():

@@ -90,7 +90,9 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+            raise ValueError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}"
+            )
         self.labels = labels
         self.tasks = sorted(set(labels.tolist()))
         self.mode = mode
@@ -118,7 +120,7 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the next iteration (like ``DistributedSampler``); otherwise epochs count up by themselves."""
+        """Use ``epoch`` for the next pass (like ``DistributedSampler``); otherwise epochs count up by themselves."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

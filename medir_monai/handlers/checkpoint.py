@@ -69,8 +69,8 @@ class ResumableCheckpoint:
 
     Args:
         save_dir: folder of the checkpoints.
-        save_dict: objects with ``state_dict`` / ``load_state_dict`` (``None`` entries are skipped); include the
-            trainer itself under ``"trainer"`` so the iteration count is restored.
+        save_dict: objects with ``state_dict`` / ``load_state_dict`` (``None`` entries are skipped); the engine the
+            handler is attached to is added as ``"trainer"`` so the iteration count is restored.
         save_interval: iterations between saves (use the validation interval).
         n_saved: how many full checkpoints to keep.
         resume: resume from the newest checkpoint in ``save_dir`` when the trainer starts.
@@ -100,6 +100,7 @@ class ResumableCheckpoint:
         self.final_network = final_network
 
     def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)

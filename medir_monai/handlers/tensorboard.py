@@ -80,8 +80,11 @@ class TaskImageHandler(_WriterMixin):
 class RoutingHandler(_WriterMixin):
     """Log AMIR's routing decisions and instruction vectors for one evaluation run.
 
-    Reads ``network.last_routing`` (a sequence of per-SRM tensors of top-1 expert indices, shaped (B, tokens) or
-    (B,)) and ``network.last_instruction`` ((B, atom_dim)) after each forward; networks without them are skipped.
+    A forward hook on the network reads ``network.last_routing`` (per SRM, the top-1 expert of every token, shaped
+    (B, H, W) or (B, tokens)) and ``network.last_instruction`` ((B, atom_dim)) after *every* forward call, so with a
+    sliding-window inferer each window counts, labelled with the task of the slice being validated (validation
+    batches hold one slice, or windows map one-to-one onto the batch). Networks without these attributes are
+    skipped.
     """
 
     def __init__(
@@ -91,12 +94,16 @@ class RoutingHandler(_WriterMixin):
         summary_writer: SummaryWriter | None = None,
         global_step_transform=None,
         num_experts: int = 4,
+        max_embeddings: int = 2000,
     ):
         self.network = network
         self.log_dir = log_dir
         self.summary_writer = summary_writer
         self.global_step_transform = global_step_transform
         self.num_experts = num_experts
+        self.max_embeddings = max_embeddings
+        self._hook = None
+        self._names: list[str] = []
         self._reset()
 
     def _reset(self, engine: Any = None) -> None:
@@ -106,25 +113,48 @@ class RoutingHandler(_WriterMixin):
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
-    def _collect(self, engine: Engine) -> None:
-        net = unwrap(self.network)
-        routing = getattr(net, "last_routing", None)
-        instruction = getattr(net, "last_instruction", None)
-        names = engine.state.batch.get("task_name", [])
-        names = [names] if isinstance(names, str) else list(names)
+    def _start(self, engine: Engine) -> None:
+        names = engine.state.batch.get("task_name", []) if isinstance(engine.state.batch, dict) else []
+        self._names = [names] if isinstance(names, str) else [str(n) for n in names]
+        if self._hook is None:
+            self._hook = unwrap(self.network).register_forward_hook(self._record)
+
+    def _stop(self, engine: Engine) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _labels_for(self, count: int) -> list[str] | None:
+        if len(self._names) == 1:
+            return self._names * count
+        if len(self._names) == count:
+            return self._names
+        return None
+
+    def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        routing = getattr(module, "last_routing", None)
+        instruction = getattr(module, "last_instruction", None)
         if routing is not None:
             for srm, top1 in enumerate(routing):
-                top1 = torch.as_tensor(top1).detach().cpu().reshape(len(names), -1)
-                for i, task in enumerate(names):
+                top1 = torch.as_tensor(top1).detach().cpu()
+                labels = self._labels_for(top1.shape[0])
+                if labels is None:
+                    continue
+                top1 = top1.reshape(top1.shape[0], -1)
+                for i, task in enumerate(labels):
                     hist = torch.bincount(top1[i].long(), minlength=self.num_experts).float()
                     prev = self.counts[srm].get(task)
                     self.counts[srm][task] = hist if prev is None else prev + hist
-        if instruction is not None:
-            self.instructions.append(torch.as_tensor(instruction).detach().float().cpu().reshape(len(names), -1))
-            self.labels.extend(names)
+        if instruction is not None and len(self.labels) < self.max_embeddings:
+            instruction = torch.as_tensor(instruction).detach().float().cpu()
+            labels = self._labels_for(instruction.shape[0])
+            if labels is not None:
+                self.instructions.append(instruction.reshape(instruction.shape[0], -1))
+                self.labels.extend(labels)
 
     def _write(self, engine: Engine) -> None:
         if not self.counts and not self.instructions:

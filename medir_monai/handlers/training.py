@@ -18,7 +18,7 @@ def loss_terms(keys: Sequence[str] = ("loss", "l1", "balance", "sigma")) -> Call
     def transform(output: Any) -> dict[str, float]:
         if isinstance(output, list):  # decollated output: every item carries the batch loss
             output = output[0]
-        return {k: float(output[k]) for k in keys if k in output}
+        return {k: float(output[k].detach()) if hasattr(output[k], "detach") else float(output[k]) for k in keys if k in output}
 
     return transform
 
