@@ -165,7 +165,7 @@ register_task(
         slice_size=(512, 512),
         display_window=(-160.0, 240.0),
         degradation="LowDoseCT",
-        degradation_args={"dose_fraction": 0.25},
+        degradation_args={"dose_fraction": 0.25, "mode": "insert_noise"},
         air_threshold=-900.0,
     )
 )

@@ -107,6 +107,8 @@ def test_lq_hq_shape_mismatch_is_named_when_loaded(tmp_path):
     msg = r"LQ/HQ shape mismatch: LQ .*LQ/s\.nii has shape \(40, 30\) but HQ .*HQ/s\.nii"
     with pytest.raises(DataError, match=msg):
         ds[0]
+    with pytest.raises(DataError, match=msg):  # the memory cache loads everything up front
+        restoration_dataset(items, train=False, cache="memory")
 
 
 # ---- JSON datalists ------------------------------------------------------------------------------------

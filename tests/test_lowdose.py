@@ -147,6 +147,9 @@ def test_ct_electronic_noise_and_circle():
     plain = simulate_low_dose_ct(np.stack([water] * 2), i0=1e5, rng=3, **CT_GEOMETRY)
     noisy = simulate_low_dose_ct(np.stack([water] * 2), i0=1e5, electronic_noise_std=200.0, rng=3, **CT_GEOMETRY)
     assert noisy[:, interior].std() > 1.05 * plain[:, interior].std()
+    chunked = simulate_low_dose_ct(np.stack([water] * 3), i0=1e5, rng=3, batch_size=2, **CT_GEOMETRY)
+    assert chunked.shape == (3, size, size) and not np.array_equal(chunked[1], chunked[2])
+    assert abs(chunked[2][interior].std() / plain[0][interior].std() - 1.0) < 0.2  # the same noise level
     corner = np.full((size, size), -1000.0, np.float32)
     corner[:4, :4] = 500.0  # outside the inscribed circle: left as is with circle=True
     out = simulate_low_dose_ct(corner, circle=True, rng=0, **CT_GEOMETRY)
@@ -196,9 +199,8 @@ def test_ct_errors():
 def test_ct_calibration_on_a_real_abdominal_slice():
     """Calibrated I0: quarter dose adds +15 to +30 HU of noise over the full-dose liver (AAPM-Mayo range)."""
     import pydicom
-    from pydicom.data import get_testdata_file  # noqa: F401 (pydicom-data registers its store)
 
-    path = pytest.importorskip("data_store").__path__[0] + "/data/explicit_VR-UN.dcm"
+    path = pytest.importorskip("data_store").__path__[0] + "/data/explicit_VR-UN.dcm"  # the pydicom-data wheel
     ds = pydicom.dcmread(path)
     hu = (ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).astype(np.float32)
     liver = (slice(220, 270), slice(140, 180))
@@ -227,8 +229,8 @@ def test_pet_pair_means_noise_and_counts():
     activity, mu, body, uniform = pet_phantom()
     batch = 4
     hq, lq, counts = simulate_pet_pair(
-        np.stack([activity] * batch), mu_map=mu, rng=0, return_counts=True, full_counts=3e5, **PET_SMALL
-    )
+        np.stack([activity] * batch), mu_map=mu, rng=0, return_counts=True, full_counts=3e5, batch_size=3, **PET_SMALL
+    )  # two chunks (3 + 1 slices)
     assert hq.shape == lq.shape == (batch, *activity.shape) and hq.dtype == np.float32
     # means agree (LQ rescaled by the dose fraction) and match the true activity
     assert abs(lq[:, body].mean() / hq[:, body].mean() - 1.0) < 0.05

@@ -115,7 +115,8 @@ def test_normalise_and_denormalise():
     np.testing.assert_allclose(back[0, 0, 1:5], hu[0, 0, 1:5], rtol=1e-6, atol=1e-3)
     # no clipping on the way back: model outputs outside [0, 1] map outside the range
     assert float(Denormalise(0.0, 20.0)(np.array([[[1.5]]], dtype=np.float32))[0, 0, 0]) == pytest.approx(30.0)
-    out = Normalised(keys=("lq", "hq"), low=0.0, high=20.0)({"lq": torch.tensor([[[10.0]]]), "hq": torch.tensor([[[40.0]]])})
+    pair = {"lq": torch.tensor([[[10.0]]]), "hq": torch.tensor([[[40.0]]])}
+    out = Normalised(keys=("lq", "hq"), low=0.0, high=20.0)(pair)
     assert float(out["lq"]) == pytest.approx(0.5) and float(out["hq"]) == 1.0
     restored = Denormalised(keys="lq", low=0.0, high=20.0)(out)
     assert float(restored["lq"]) == pytest.approx(10.0)

@@ -3,8 +3,9 @@
 CT (:func:`simulate_low_dose_ct`): HU -> linear attenuation -> parallel-beam sinogram -> Poisson
 transmission noise at ``dose_fraction * i0`` photons per detector bin (+ optional Gaussian electronic
 noise) -> ``-log`` -> filtered back-projection -> HU. The photon count is calibrated so that a quarter-dose
-reconstruction of a real abdominal slice (0.86 mm pixels, 720 views, Ram-Lak) carries about 20 HU more
-noise than the full-dose one, as between the AAPM-Mayo 2016 full- and quarter-dose pairs the papers use.
+reconstruction of a real abdominal slice (0.86 mm pixels, 720 views, Ram-Lak) carries 17-19 HU more
+noise than the full-dose input, within the +15 to +30 HU between the AAPM-Mayo 2016 full- and
+quarter-dose pairs the papers use.
 
 PET (:func:`simulate_pet_pair`): activity -> PSF blur -> projection with attenuation factors ->
 Poisson prompts at the full count level (plus uniform randoms) -> binomial thinning with
@@ -20,7 +21,7 @@ simulated, batched) and return the same type.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -54,9 +55,12 @@ MU_WATER_PER_MM = 0.0192
 
 CT_FULL_DOSE_PHOTONS = 2.0e6
 """Full-dose incident photons per detector bin and view (0.86 mm bins, 720 views over 180 degrees),
-calibrated on the ``pydicom-data`` abdominal slice (``explicit_VR-UN.dcm``): the quarter-dose Ram-Lak
-reconstruction has about 20 HU more noise (standard deviation) than the full-dose image in the liver,
-within the +15 to +30 HU of the AAPM-Mayo 2016 quarter-dose data (benchmarks/transforms.py)."""
+calibrated on the ``pydicom-data`` abdominal slice (``explicit_VR-UN.dcm``, liver region, Ram-Lak): the
+simulated quarter dose has a noise standard deviation of 31.7 HU (``reconstruct``) / 33.4 HU
+(``insert_noise``) against 14.4 HU in the full-dose input, i.e. +17 to +19 HU, within the +15 to +30 HU
+of the AAPM-Mayo 2016 quarter-dose data; the simulated full dose (18-21 HU) is close to the real one.
+Noise variance scales as 1 / (photons x views): with fewer views scale ``i0`` up by the same factor.
+``benchmarks/transforms.py`` prints these figures."""
 
 PET_FULL_COUNTS = 1.0e6
 """Expected prompts (trues + randoms) per 2-D slice at full dose. On a 256 x 256 body-sized phantom
@@ -138,6 +142,7 @@ def simulate_low_dose_ct(
     min_counts: float = 1.0,
     rng: _SeedLike = None,
     projector: ParallelBeamProjector | None = None,
+    batch_size: int = 64,
 ) -> NdarrayOrTensor:
     """Simulate a reduced-dose CT slice (or batch of slices) from a full-dose one, in HU.
 
@@ -168,7 +173,9 @@ def simulate_low_dose_ct(
         mode: ``"reconstruct"`` or ``"insert_noise"`` (see above).
         min_counts: floor on detected counts before the log.
         rng: seed (int), numpy random state / generator (a seed is drawn from it), torch generator, or None.
-        projector: a prebuilt projector for this geometry (default: built and cached per geometry).
+        projector: a prebuilt projector (default: built and cached per geometry); its pixel size and views
+            take precedence over ``pixel_size_mm`` and ``num_views``.
+        batch_size: slices simulated together (memory: about 40 bytes per sinogram bin and slice).
 
     Returns:
         the simulated image(s), same shape and array type as ``hu``, float32, HU.
@@ -183,28 +190,48 @@ def simulate_low_dose_ct(
         raise ValueError(f"filter_name must be one of {FBP_FILTERS}, got {filter_name!r}")
     if mode not in ("reconstruct", "insert_noise"):
         raise ValueError(f"mode must be 'reconstruct' or 'insert_noise', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     slices, added = _as_slices(hu, "hu")
     if projector is None:
         projector = _cached_projector(tuple(slices.shape[-2:]), float(pixel_size_mm), int(num_views), circle, 1)
     gen = _generator(rng)
+    parts = [
+        _ct_chunk(
+            chunk, dose_fraction * i0, electronic_noise_std, mu_water, filter_name, mode, min_counts, gen, projector
+        )
+        for chunk in slices.split(batch_size)
+    ]
+    out = torch.cat(parts)
+    if circle:
+        out = torch.where(projector.mask, out, slices)
+    out = out[0] if added else out
+    return convert_to_dst_type(out, hu, dtype=torch.float32)[0]
 
+
+def _ct_chunk(
+    slices: torch.Tensor,
+    photons: float,
+    electronic_noise_std: float,
+    mu_water: float,
+    filter_name: str,
+    mode: str,
+    min_counts: float,
+    gen: torch.Generator,
+    projector: ParallelBeamProjector,
+) -> torch.Tensor:
+    """Steps 1-5 of :func:`simulate_low_dose_ct` for a batch ``(B, H, W)`` of HU slices."""
     mu = (mu_water * (1.0 + slices / 1000.0)).clamp_min(0.0)  # (B, H, W) 1/mm
-    clean = projector.forward(mu)  # (B, V, D) line integrals
-    photons = dose_fraction * i0
-    counts = torch.poisson(photons * torch.exp(-clean.double()), generator=gen)
+    clean = projector.forward(mu).double()  # (B, V, D) line integrals
+    counts = torch.poisson(photons * torch.exp(-clean), generator=gen)
     if electronic_noise_std > 0:
         counts = counts + electronic_noise_std * torch.randn(counts.shape, generator=gen, dtype=counts.dtype)
     noisy = -torch.log(counts.clamp_min(min_counts) / photons)
     if mode == "reconstruct":
         recon = projector.fbp(noisy.float(), filter_name)
-        out = 1000.0 * (recon / mu_water - 1.0)
-    else:
-        noise = projector.fbp((noisy - clean.double()).float(), filter_name)
-        out = slices + 1000.0 * noise / mu_water
-    if circle:
-        out = torch.where(projector.mask, out, slices)
-    out = out[0] if added else out
-    return convert_to_dst_type(out, hu, dtype=torch.float32)[0]
+        return 1000.0 * (recon / mu_water - 1.0)
+    noise = projector.fbp((noisy - clean).float(), filter_name)
+    return slices + 1000.0 * noise / mu_water
 
 
 # ---- PET ------------------------------------------------------------------------------------------
@@ -241,7 +268,9 @@ def osem(
     scale = sensitivity_scale.view(batch, 1, 1)
     blur = lambda img: gaussian_blur(img, psf_fwhm_mm, projector.pixel_size_mm)  # noqa: E731 (self-adjoint)
     weights = scale * attenuation  # (B, V, D)
-    sensitivity = [blur(projector.adjoint(weights[:, views], subset=k)) for k, views in enumerate(projector.subset_views)]
+    sensitivity = [  # G^T A_k^T (s a_k), one image per subset
+        blur(projector.adjoint(weights[:, views], subset=k)) for k, views in enumerate(projector.subset_views)
+    ]
     if initial is None:
         trues = (counts - randoms).sum(dim=(1, 2)).clamp_min(0.0)
         total_sens = sum(s.sum(dim=(1, 2)) for s in sensitivity)
@@ -275,6 +304,7 @@ def simulate_pet_pair(
     rng: _SeedLike = None,
     return_counts: bool = False,
     projector: ParallelBeamProjector | None = None,
+    batch_size: int = 32,
 ) -> tuple[NdarrayOrTensor, NdarrayOrTensor] | tuple[NdarrayOrTensor, NdarrayOrTensor, dict[str, np.ndarray]]:
     """Simulate a full-dose and a reduced-dose PET reconstruction of the same activity slice(s).
 
@@ -302,7 +332,9 @@ def simulate_pet_pair(
         post_filter_fwhm_mm: Gaussian filter applied to both reconstructions (0: none).
         rng: seed (int), numpy random state / generator (a seed is drawn from it), torch generator, or None.
         return_counts: also return a dict of the count sinograms (see Returns).
-        projector: a prebuilt projector with ``num_subsets == subsets`` (default: built and cached).
+        projector: a prebuilt projector with ``num_subsets == subsets`` (default: built and cached); its
+            pixel size and views take precedence over ``pixel_size_mm`` and ``num_views``.
+        batch_size: slices simulated (and reconstructed) together.
 
     Returns:
         ``(hq, lq)`` float32 reconstructions, same shape and array type as ``activity``; with
@@ -316,8 +348,8 @@ def simulate_pet_pair(
         raise ValueError(f"full_counts and pixel_size_mm must be > 0, got {full_counts}, {pixel_size_mm}")
     if not 0.0 <= randoms_fraction < 1.0:
         raise ValueError(f"randoms_fraction must be in [0, 1), got {randoms_fraction}")
-    if iterations < 1 or subsets < 1:
-        raise ValueError(f"iterations and subsets must be >= 1, got {iterations}, {subsets}")
+    if iterations < 1 or subsets < 1 or batch_size < 1:
+        raise ValueError(f"iterations, subsets and batch_size must be >= 1, got {iterations}, {subsets}, {batch_size}")
     x, added = _as_slices(activity, "activity")
     if (x < 0).any():
         raise ValueError("activity must be non-negative")
@@ -326,16 +358,54 @@ def simulate_pet_pair(
     elif projector.num_subsets != subsets:
         raise ValueError(f"projector has {projector.num_subsets} subsets, expected {subsets}")
     gen = _generator(rng)
-    batch = x.shape[0]
+    mu = None
+    if mu_map is not None:
+        mu, _ = _as_slices(mu_map, "mu_map")
+        if mu.shape[-2:] != x.shape[-2:] or mu.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"mu_map shape {tuple(mu.shape)} does not match activity {tuple(x.shape)}")
+        mu = mu.clamp_min(0.0).expand_as(x)
+    settings = {
+        "dose_fraction": dose_fraction,
+        "full_counts": full_counts,
+        "psf_fwhm_mm": psf_fwhm_mm,
+        "randoms_fraction": randoms_fraction,
+        "iterations": iterations,
+        "post_filter_fwhm_mm": post_filter_fwhm_mm,
+    }
+    parts = [
+        _pet_chunk(x[i : i + batch_size], None if mu is None else mu[i : i + batch_size], projector, gen, **settings)
+        for i in range(0, x.shape[0], batch_size)
+    ]
+    hq, lq = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if added:
+        hq, lq = hq[0], lq[0]
+    hq = convert_to_dst_type(hq, activity, dtype=torch.float32)[0]
+    lq = convert_to_dst_type(lq, activity, dtype=torch.float32)[0]
+    if not return_counts:
+        return hq, lq
+    sinograms = {name: torch.cat([p[2][name] for p in parts]).numpy() for name in parts[0][2]}
+    return hq, lq, sinograms
 
-    if mu_map is None:
+
+def _pet_chunk(
+    x: torch.Tensor,
+    mu: torch.Tensor | None,
+    projector: ParallelBeamProjector,
+    gen: torch.Generator,
+    dose_fraction: float,
+    full_counts: float,
+    psf_fwhm_mm: float,
+    randoms_fraction: float,
+    iterations: int,
+    post_filter_fwhm_mm: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Steps 1-4 of :func:`simulate_pet_pair` for a batch ``(B, H, W)`` of activity slices."""
+    batch, pixel = x.shape[0], projector.pixel_size_mm
+    if mu is None:
         attenuation = torch.ones(batch, *projector.sinogram_shape)
     else:
-        mu, _ = _as_slices(mu_map, "mu_map")
-        if mu.shape[-2:] != x.shape[-2:] or mu.shape[0] not in (1, batch):
-            raise ValueError(f"mu_map shape {tuple(mu.shape)} does not match activity {tuple(x.shape)}")
-        attenuation = torch.exp(-projector.forward(mu.clamp_min(0.0).expand(batch, -1, -1).contiguous()))
-    trues_shape = attenuation * projector.forward(gaussian_blur(x, psf_fwhm_mm, pixel_size_mm))  # (B, V, D)
+        attenuation = torch.exp(-projector.forward(mu.contiguous()))
+    trues_shape = attenuation * projector.forward(gaussian_blur(x, psf_fwhm_mm, pixel))  # (B, V, D)
     total = trues_shape.sum(dim=(1, 2)).double()
     scale = torch.where(total > 0, (1.0 - randoms_fraction) * full_counts / total.clamp_min(1e-30), 0.0)
     num_bins = projector.num_views * projector.num_detectors
@@ -350,22 +420,15 @@ def simulate_pet_pair(
     recon_randoms = torch.cat([randoms, dose_fraction * randoms]).float().clamp_min(1e-6)
     recon_att = torch.cat([attenuation, attenuation]).float()
     images = osem(counts, projector, recon_scale, recon_att, recon_randoms, iterations, psf_fwhm_mm)
-    images = gaussian_blur(images, post_filter_fwhm_mm, pixel_size_mm)
-    hq, lq = images[:batch], images[batch:]
-    if added:
-        hq, lq = hq[0], lq[0]
-    hq = convert_to_dst_type(hq, activity, dtype=torch.float32)[0]
-    lq = convert_to_dst_type(lq, activity, dtype=torch.float32)[0]
-    if not return_counts:
-        return hq, lq
+    images = gaussian_blur(images, post_filter_fwhm_mm, pixel)
     sinograms = {
-        "full": full.to(torch.int64).numpy(),
-        "low": low.to(torch.int64).numpy(),
-        "expected": expected.numpy(),
-        "randoms": randoms.numpy(),
-        "scale": scale.numpy(),
+        "full": full.to(torch.int64),
+        "low": low.to(torch.int64),
+        "expected": expected,
+        "randoms": randoms,
+        "scale": scale,
     }
-    return hq, lq, sinograms
+    return images[:batch], images[batch:], sinograms
 
 
 # ---- MONAI transforms -----------------------------------------------------------------------------

@@ -154,6 +154,12 @@ class ParallelBeamProjector:
         if num_detectors is None:
             num_detectors = min(height, width) if circle else math.ceil(math.hypot(height, width)) + 1
         self.num_detectors = int(num_detectors)
+        reach = math.hypot(height - 1, width - 1) / 2.0 if not circle else (min(height, width) - 1) / 2.0
+        if reach + 0.5 > (self.num_detectors - 1) / 2.0 + 1.0:  # the shadow must stay on the (guarded) detector
+            raise ValueError(
+                f"num_detectors={self.num_detectors} is too small for a {height} x {width} image "
+                f"(needs >= {math.ceil(2 * reach)}); use circle=True or more detectors"
+            )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.angles = torch.arange(self.num_views, dtype=torch.float64) * math.pi / self.num_views
@@ -291,12 +297,14 @@ class ParallelBeamProjector:
     def _scatter(self, cols_x: torch.Tensor, views: Sequence[int]) -> torch.Tensor:
         """Forward projection of a block without the bin-major matrix (scatter-add, one view at a time)."""
         first, share = self._bins(views)
+        first = first.to(torch.int64)
         out = torch.zeros(len(views) * (self.num_detectors + 2), cols_x.shape[1], dtype=self.dtype, device=self.device)
+        lower = torch.empty_like(cols_x)
         for k in range(len(views)):
-            index = first[:, k : k + 1].to(torch.int64).expand_as(cols_x)
-            lower = cols_x * share[:, k : k + 1]
-            out.scatter_add_(0, index, lower)
-            out.scatter_add_(0, index + 1, cols_x - lower)
+            index = first[:, k : k + 1]
+            torch.mul(cols_x, share[:, k : k + 1], out=lower)
+            out.scatter_add_(0, index.expand_as(cols_x), lower)
+            out.scatter_add_(0, (index + 1).expand_as(cols_x), lower.neg_().add_(cols_x))
         return out
 
     def adjoint(self, sinogram: torch.Tensor, subset: int | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .dataset import (
     restoration_dataset,
     restoration_transforms,
 )
+from .demo import default_demo_dir, ensure_demo_dataset
 from .io import DataError, load_bin, load_image
 from .layout import expand_to_slices, kept_slice_indices, load_datalist, scan_authors_layout
 from .sampler import TaskBalancedBatchSampler
@@ -29,6 +30,8 @@ __all__ = [
     "SimulateLowQualityd",
     "NormaliseByTaskd",
     "TaskBalancedBatchSampler",
+    "default_demo_dir",
+    "ensure_demo_dataset",
 ]
 
 # entry points of the bundle configs

@@ -30,8 +30,10 @@ folder and refuses a folder holding anything else. :func:`ensure_demo_dataset` b
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -46,6 +48,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
+import medir_monai.transforms
+from medir_monai.transforms import (
+    CT_FULL_DOSE_PHOTONS,
+    PET_FULL_COUNTS,
+    KSpaceTruncate,
+    simulate_low_dose_ct,
+    simulate_pet_pair,
+)
+
 from ..tasks import get_task
 from .io import DataError, load_image
 
@@ -57,6 +68,7 @@ __all__ = [
     "MRI_INTENSITY_SCALE",
     "default_demo_dir",
     "demo_is_complete",
+    "code_fingerprint",
     "build_demo_dataset",
     "ensure_demo_dataset",
     "wheel_file",
@@ -185,8 +197,6 @@ def _write_slice(path: Path, image: np.ndarray, spacing_mm: tuple[float, float],
 
 
 def _gzip(data: bytes) -> bytes:
-    import gzip
-
     return gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: byte-identical rebuilds
 
 
@@ -231,8 +241,6 @@ def _mni(name: str) -> np.ndarray:
 
 
 def _build_mri(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
-    from medir_monai.transforms.kspace import KSpaceTruncate
-
     task = get_task("mri_sr")
     t1 = _mni("t1") * MRI_INTENSITY_SCALE
     degrade = KSpaceTruncate(**task.degradation_args)
@@ -263,7 +271,13 @@ def _flip(image: np.ndarray, how: str) -> np.ndarray:
 
 def _load_ct(source: _CTSource) -> tuple[np.ndarray, tuple[float, float]]:
     """A real CT slice in HU (rescale slope / intercept applied by the reader), clipped to the task range."""
-    image = load_image(wheel_file(source.module, source.relpath), ndim=(2,))
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)  # bad_sequence.dcm has non-conformant UIDs; the pixels are fine
+    try:
+        image = load_image(wheel_file(source.module, source.relpath), ndim=(2,))
+    finally:
+        pydicom_log.setLevel(level)
     spacing = tuple(float(s) for s in image.pixdim[:2]) if hasattr(image, "pixdim") else (1.0, 1.0)
     low, high = get_task("ct_denoise").norm_range
     # outside the scan circle the files hold -2000 / -3024 padding: air for the simulation
@@ -271,8 +285,6 @@ def _load_ct(source: _CTSource) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def _build_ct(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
-    from medir_monai.transforms.lowdose import CT_FULL_DOSE_PHOTONS, simulate_low_dose_ct
-
     task = get_task("ct_denoise")
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
     plan: dict[str, list[tuple[_CTSource, int, str]]] = {split: [] for split in SPLITS}
@@ -331,8 +343,6 @@ def _pet_phantom() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
-    from medir_monai.transforms.lowdose import simulate_pet_pair
-
     task = get_task("pet_synthesis")
     suv, mu = _pet_phantom()
     files: dict[str, list[str]] = {}
@@ -358,6 +368,10 @@ def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
 
 
 _BUILDERS = {"mri_sr": _build_mri, "ct_denoise": _build_ct, "pet_synthesis": _build_pet}
+
+
+def _pet_full_counts() -> float:
+    return float(PET_SIM_ARGS.get("full_counts", PET_FULL_COUNTS))
 
 
 # ---- provenance ----------------------------------------------------------------------------------------
@@ -427,7 +441,8 @@ demonstration only; not for clinical use, and not comparable with the papers' nu
   GM:WM = {PET_SUV["gm"] / PET_SUV["wm"]:g}:1.
   Attenuation: {PET_MU_PER_MM}/mm (water at 511 keV) inside brain and shell. Resampled to 2 mm voxels
   (2 x 2 x 2 mean), slices padded to 128 x 128.
-- `medir_monai.transforms.simulate_pet_pair(pixel_size_mm={PET_PIXEL_MM}, **{PET_SIM_ARGS})`: PSF blur,
+- `medir_monai.transforms.simulate_pet_pair(pixel_size_mm={PET_PIXEL_MM}, **{PET_SIM_ARGS})` (full-dose
+  count level: the transforms' default `full_counts`, {_pet_full_counts():.3g} expected prompts per slice): PSF blur,
   projection, attenuation, Poisson prompts with uniform randoms at the full count level; LQ = binomial
   thinning of the same prompts to 1/12 (list-mode decimation); both reconstructed by the same OSEM with
   attenuation, randoms and PSF modelling. HQ = full-count OSEM, LQ = 1/12-count OSEM, both in SUV.
@@ -454,6 +469,17 @@ def _check_target(out: Path) -> None:
             )
 
 
+def code_fingerprint() -> str:
+    """Hash of the code that makes the data (this module and ``medir_monai.transforms``): a build made by
+    other code is rebuilt."""
+    digest = hashlib.sha256()
+    sources = [Path(__file__)] + sorted(Path(medir_monai.transforms.__file__).parent.glob("*.py"))
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _read_manifest(out: Path) -> dict | None:
     try:
         return json.loads((out / MANIFEST_NAME).read_text())
@@ -464,10 +490,12 @@ def _read_manifest(out: Path) -> dict | None:
 def demo_is_complete(
     out: str | os.PathLike, max_slices: int | None = None, tasks: Sequence[str] = DEMO_TASKS
 ) -> bool:
-    """Whether ``out`` holds a complete build of this version, ``max_slices`` and tasks, with all its files."""
+    """Whether ``out`` holds a complete build of this version, code, ``max_slices`` and tasks, with all files."""
     out = Path(out)
     manifest = _read_manifest(out)
     if not manifest or manifest.get("version") != DEMO_VERSION or manifest.get("max_slices") != max_slices:
+        return False
+    if manifest.get("code") != code_fingerprint():
         return False
     if sorted(manifest.get("files", {})) != sorted(get_task(t).name for t in tasks):
         return False
@@ -551,6 +579,7 @@ def build_demo_dataset(
     _atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices).encode())
     manifest = {
         "version": DEMO_VERSION,
+        "code": code_fingerprint(),
         "seed": seed,
         "max_slices": max_slices,
         "counts": {t: {s: len(n) for s, n in splits.items()} for t, splits in files.items()},

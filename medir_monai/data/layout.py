@@ -209,21 +209,17 @@ def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> MetaTen
 
 
 def kept_slice_indices(volume: torch.Tensor, task: str) -> list[int]:
-    """Indices along the last axis kept by the task's slice rules.
+    """Indices along the last axis of a 3-D volume kept by the task's slice rules
+    (:func:`medir_monai.transforms.select_slices`).
 
     ``central_slices = N``: only the N central slices (MRI: 100); ``air_threshold = t``: slices whose every
     voxel is at or below ``t`` (air only) are dropped (CT: -900 HU, PET: 0.05 SUV).
     """
+    from medir_monai.transforms import select_slices
+
     task = get_task(task)
-    depth = volume.shape[-1]
-    indices = list(range(depth))
-    if task.central_slices is not None and depth > task.central_slices:
-        start = (depth - task.central_slices) // 2
-        indices = indices[start : start + task.central_slices]
-    if task.air_threshold is not None:
-        peak = volume.reshape(-1, depth).amax(0)
-        indices = [k for k in indices if float(peak[k]) > task.air_threshold]
-    return indices
+    plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+    return select_slices(plain, axis=-1, central=task.central_slices, air_threshold=task.air_threshold)
 
 
 def expand_to_slices(items: Sequence[dict], axcodes: str | None = "RAS") -> list[dict]:
