@@ -81,6 +81,145 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
 register_command("demo-data", _add_demo_data)
 
 
+# ---- bundles: restore / compare / interference ---------------------------------------------------------
+def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overrides: dict):
+    """A MONAI ConfigParser over ``<bundle>/configs/<config>`` plus extra config files, with ``bundle_root`` set."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle).expanduser().resolve()
+    main_cfg = root / "configs" / config
+    if not main_cfg.is_file():
+        raise ValueError(f"{main_cfg}: no such bundle config (is {root} a bundle folder?)")
+    files = [str(main_cfg)] + [str(Path(f).expanduser()) for f in (extra or [])]
+    for f in files[1:]:
+        if not Path(f).is_file():
+            raise ValueError(f"{f}: config file does not exist")
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser["bundle_root"] = str(root)
+    for key, value in overrides.items():
+        if value is not None:
+            parser[key] = value
+    return parser
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    from .inference import restore_inputs
+    from .networks import load_official_state_dict
+
+    overrides = {"input_path": args.input, "output_dir": args.output, "task": args.task, "overwrite": args.overwrite,
+                 "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
+    if args.device:
+        overrides["device"] = f"$torch.device({args.device!r})"
+    parser = _bundle_parser(args.bundle, "inference.json", args.config, overrides)
+    if args.checkpoint:
+        parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
+    if args.task is None:
+        parser["task"] = None
+    ckpt = Path(parser.get_parsed_content("ckpt_path"))
+    if not ckpt.is_file():
+        raise ValueError(f"{ckpt}: no trained weights (train the bundle first or pass --checkpoint)")
+    network = parser.get_parsed_content("network")
+    load_official_state_dict(network, str(ckpt))
+    network.eval()
+    restorer = parser.get_parsed_content("restorer")
+    for path in restore_inputs(restorer, args.input, args.output, task=args.task, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+def _add_restore(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "restore",
+        help="restore a slice, a NIfTI volume or a DICOM series with a trained bundle",
+        description="Restore slice by slice along the acquisition axis with a sliding window (the training patch). "
+        "The task (normalisation and output range) comes from the DICOM Modality tag or --task; NIfTI input needs "
+        "--task. Inputs are never modified; outputs are written atomically; existing outputs need --overwrite.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/amir")
+    p.add_argument("--input", required=True, help="a NIfTI / ITK file, a DICOM file or series folder, or a folder of NIfTI files")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--task", default=None, help="mri_sr, ct_denoise or pet_synthesis (default: from DICOM Modality)")
+    p.add_argument("--checkpoint", default=None, help="weights (default: the bundle's models/model.pt)")
+    p.add_argument("--config", nargs="*", default=None, help="extra config files merged over inference.json (e.g. quick.json)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.25)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_run_restore)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .analysis import compare_evaluations, format_comparison
+
+    result = compare_evaluations(args.a, args.b)
+    print(format_comparison(result, Path(args.a).name or "A", Path(args.b).name or "B"))
+    return 0
+
+
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="paired t-test per task between two evaluations (eval folders or metrics.csv)")
+    p.add_argument("a", help="first evaluation: an eval/ folder or its metrics.csv")
+    p.add_argument("b", help="second evaluation")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_interference(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analysis import format_interference, task_interference
+    from .networks import load_official_state_dict
+
+    overrides = {"dataset_dir": args.dataset_dir}
+    parser = _bundle_parser(args.bundle, "train.json", args.config, overrides)
+    parser["device"] = "$torch.device('cpu')"
+    torch.manual_seed(args.seed)
+    network = parser.get_parsed_content("network_def")
+    if args.checkpoint:
+        load_official_state_dict(network, args.checkpoint)
+    from .data.bundle_data import build_dataset, prepare_dataset_dir
+
+    root = prepare_dataset_dir(parser.get_parsed_content("dataset_dir"))
+    tasks = parser.get_parsed_content("tasks")
+    patch = parser.get_parsed_content("patch_size")
+    batches = {}
+    for task in tasks:
+        ds = build_dataset(root, "train", [task], patch_size=patch, seed=args.seed)
+        ds.transform.set_random_state(args.seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        batches[task] = []
+        for batch in loader:
+            batches[task].append((batch["lq"], batch["hq"]))
+            if len(batches[task]) == args.batches:
+                break
+    aux = float(parser.get("balance_weight", 0.0) or 0.0)
+    names, matrix = task_interference(network, batches, param_pattern=args.params, aux_weight=aux)
+    print(format_interference(names, matrix))
+    return 0
+
+
+def _add_interference(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "interference",
+        help="task-interference matrix (AMIR Fig. 1b, Uni-Perceiver-MoE definition) for a checkpoint and data",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/amir")
+    p.add_argument("--checkpoint", default=None, help="weights to analyse (default: the network's initialisation)")
+    p.add_argument("--config", nargs="*", default=None, help="extra config files merged over train.json (e.g. quick.json)")
+    p.add_argument("--dataset-dir", default=None, help="dataset (default: the bundle's dataset_dir)")
+    p.add_argument("--batches", type=int, default=8, help="mini-batches per task (N)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--params", default=r"ffn\.project_out", help="regex of the parameters whose gradients are compared")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_interference)
+
+
+register_command("restore", _add_restore)
+register_command("compare", _add_compare)
+register_command("interference", _add_interference)
+
+
 # ---- entry point ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``medir`` parser with every registered sub-command."""
@@ -95,11 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``medir`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from .data.io import DataError
+    from .tasks import UnknownTaskError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ValueError, FileExistsError) as err:
+    except (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError) as err:
         print(f"medir {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from medir_monai.data.io import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, DataError, check_image
@@ -72,6 +72,11 @@ __all__ = [
     "task_unit_factor",
     "input_kind",
     "restore_inputs",
+    "list_inputs",
+    "LoadScand",
+    "prepare_scan_batch",
+    "ScanInferer",
+    "RestoredScanWriter",
 ]
 
 DEFAULT_ROI_SIZE = (128, 128)
@@ -926,3 +931,88 @@ def restore_inputs(
     else:
         inputs = [source]
     return [restorer(p, output_path_for(p, out_dir), task=task, overwrite=overwrite) for p in inputs]
+
+
+# ---- the MONAI-engine form used by the bundles' inference.json --------------------------------------------
+def list_inputs(input_path: str | os.PathLike) -> list[dict]:
+    """Datalist ``[{"image": path}]`` of one input (file or DICOM series) or of every image file of a plain folder."""
+    source = Path(input_path).expanduser()
+    if not source.exists():
+        raise DataError(f"{source}: input does not exist")
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")) if source.is_dir() else []
+    if source.is_dir() and files and all(_has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES) for p in files):
+        return [{"image": str(p)} for p in files]
+    return [{"image": str(source)}]
+
+
+class LoadScand:
+    """Dataset transform: read ``d["image"]`` (a path) with :func:`read_scan` and resolve its task.
+
+    Output: ``{"image": float32 tensor in physical units (task units), "scan": ScanImage, "task": task name,
+    "unit_factor": float, "path": str}``. Use with ``collate_fn=monai.data.utils.no_collation``.
+    """
+
+    def __init__(self, task: str | Task | None = None):
+        self.task = task
+
+    def __call__(self, item: dict) -> dict:
+        path = Path(item["image"])
+        task = resolve_task(path, self.task)
+        scan = read_scan(path)
+        factor = task_unit_factor(scan, task)
+        image = torch.as_tensor(scan.array * np.float32(factor))
+        return {"image": image, "scan": scan, "task": task.name, "unit_factor": factor, "path": str(path)}
+
+
+def prepare_scan_batch(batchdata: list[dict], device: Any = None, non_blocking: bool = False, **kwargs: Any):
+    """``prepare_batch`` for one un-collated scan: the image stays where it is (``ScanInferer`` moves windows)."""
+    if len(batchdata) != 1:
+        raise ValueError("scan inference runs one scan per batch (batch_size=1)")
+    item = batchdata[0]
+    return item["image"], None, (), {"task": item["task"]}
+
+
+class ScanInferer(Inferer):
+    """MONAI inferer restoring a whole scan in physical units slice by slice (see :func:`restore_array`).
+
+    Args:
+        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress: :func:`restore_array` options.
+    """
+
+    def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = 0.25, sw_batch_size: int = 4,
+                 mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int = -1, progress: bool = True):
+        super().__init__()
+        self.kwargs = dict(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
+                           sw_device=sw_device, device=device, axis=axis, progress=progress)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "", **kwargs: Any):
+        return restore_array(network, inputs, task, **self.kwargs)
+
+
+class RestoredScanWriter:
+    """Evaluator handler writing each restored scan like its input (:func:`write_scan`, atomic) into ``output_dir``."""
+
+    def __init__(self, output_dir: str | os.PathLike, model_name: str = "model", overwrite: bool = False):
+        self.output_dir = Path(output_dir)
+        self.model_name = model_name
+        self.overwrite = overwrite
+        self.written: list[Path] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_STARTED, self._check)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _check(self, engine: Any) -> None:  # fail before the (long) inference
+        item = engine.state.batch[0]
+        check_output_path(item["path"], output_path_for(item["path"], self.output_dir), self.overwrite)
+
+    def __call__(self, engine: Any) -> None:
+        item = engine.state.batch[0]
+        restored = engine.state.output["pred"]
+        restored = restored.detach().cpu().numpy() if isinstance(restored, torch.Tensor) else np.asarray(restored)
+        out = write_scan(item["scan"], restored, output_path_for(item["path"], self.output_dir), item["task"],
+                         model_name=self.model_name, overwrite=self.overwrite, unit_factor=item["unit_factor"])
+        self.written.append(out)
+        engine.logger.info(f"restored {item['path']} -> {out}")

@@ -3,10 +3,11 @@
 from .checkpoint import BestModelSaver, ResumableCheckpoint, atomic_save
 from .ema import EMAHandler, EMAModel
 from .metrics import TaskMeanMetric, TaskMetricCollector, task_metrics
-from .report import EvalReportHandler, format_report, write_metrics_csv
+from .report import EvalReportHandler, ValidationSummaryHandler, format_report, write_metrics_csv
 from .tensorboard import RoutingHandler, TaskImageHandler, display_image
 
 __all__ = [
+    "AttachHandler",
     "BestModelSaver",
     "EMAHandler",
     "EMAModel",
@@ -19,6 +20,7 @@ __all__ = [
     "loss_terms",
     "rank_zero_only",
     "TaskImageHandler",
+    "ValidationSummaryHandler",
     "TaskMeanMetric",
     "TaskMetricCollector",
     "atomic_save",
@@ -29,4 +31,4 @@ __all__ = [
 ]
 
 
-from .training import EpochSeedHandler, LearningRateLogger, ProgressBar, loss_terms, rank_zero_only  # noqa: E402
+from .training import AttachHandler, EpochSeedHandler, LearningRateLogger, ProgressBar, loss_terms, rank_zero_only  # noqa: E402

@@ -4,10 +4,12 @@ MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed 
 truncated file. These handlers write to a temporary file in the same folder and ``os.replace`` it, and load
 with ``torch.load(weights_only=True)``.
 
-* :class:`ResumableCheckpoint` (trainer): every ``save_interval`` iterations and at the end, saves the full
-  training state (model, optimizer, LR scheduler, trainer iteration, EMA, loss balancer, ...) as
-  ``checkpoint_iteration=N.pt`` and keeps the newest ``n_saved``; when the trainer starts and a checkpoint is
-  present it resumes from the newest one, so rerunning the same command continues an interrupted run.
+* :class:`ResumableCheckpoint` (trainer): at the end of every ``save_interval`` epochs (the bundles' epoch is one
+  validation interval, and the checkpoint is written after that validation) and at the end of training, saves the
+  full training state (model, optimizer, LR scheduler, trainer iteration, EMA, loss balancer, best metric, torch RNG
+  state) as ``checkpoint_iteration=N.pt`` and keeps the newest ``n_saved``; when the trainer starts and a checkpoint
+  is present it resumes from the newest one, so rerunning the same command continues an interrupted run, with the
+  same batches, crops and MoE gating noise an uninterrupted run would have seen.
 * :class:`BestModelSaver` (evaluator): writes ``model.pt`` (weights only: the network or its EMA) whenever the
   evaluator's key metric improves, and ``model_final.pt`` is written by the trainer checkpoint at the end.
 """
@@ -26,7 +28,7 @@ from ignite.handlers import Checkpoint
 
 from ..bundle import latest_checkpoint
 
-__all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver"]
+__all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,21 @@ def _state_dicts(objects: dict[str, Any]) -> dict[str, Any]:
     return {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
 
 
+class TorchRNGState:
+    """The global torch RNG state(s) as a checkpointable object (AMIR's noisy gating draws from it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class ResumableCheckpoint:
     """Save the full training state every ``save_interval`` iterations; resume from the newest on start.
 
@@ -71,7 +88,7 @@ class ResumableCheckpoint:
         save_dir: folder of the checkpoints.
         save_dict: objects with ``state_dict`` / ``load_state_dict`` (``None`` entries are skipped); the engine the
             handler is attached to is added as ``"trainer"`` so the iteration count is restored.
-        save_interval: iterations between saves (use the validation interval).
+        save_interval: epochs between saves (an epoch of the bundles is one validation interval).
         n_saved: how many full checkpoints to keep.
         resume: resume from the newest checkpoint in ``save_dir`` when the trainer starts.
         final_model: also write the network's weights alone to this file name at the end (``None``: don't).
@@ -83,7 +100,7 @@ class ResumableCheckpoint:
         self,
         save_dir: str,
         save_dict: dict[str, Any],
-        save_interval: int = 1000,
+        save_interval: int = 1,
         n_saved: int = 1,
         resume: bool = True,
         final_model: str | None = "model_final.pt",
@@ -93,6 +110,7 @@ class ResumableCheckpoint:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         self.save_dir = Path(save_dir)
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
+        self.save_dict.setdefault("rng", TorchRNGState())
         self.save_interval = int(save_interval)
         self.n_saved = int(n_saved)
         self.resume = resume
@@ -103,7 +121,7 @@ class ResumableCheckpoint:
         self.save_dict.setdefault("trainer", engine)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def load_latest(self, engine: Engine) -> None:
@@ -115,7 +133,14 @@ class ResumableCheckpoint:
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks {missing}; move it away to start from scratch")
+        configured_max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        if configured_max_epochs is not None:
+            if engine.state.epoch > configured_max_epochs:
+                raise RuntimeError(
+                    f"checkpoint {path} is at epoch {engine.state.epoch}, beyond the configured {configured_max_epochs}"
+                )
+            engine.state.max_epochs = configured_max_epochs  # the config may extend (not shorten) the run
         logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
 
     def save(self, engine: Engine) -> None:
@@ -128,7 +153,7 @@ class ResumableCheckpoint:
     def save_final(self, engine: Engine) -> None:
         if _rank() != 0:
             return
-        if engine.state.iteration % self.save_interval:
+        if latest_checkpoint(self.save_dir) != str(self.save_dir / f"checkpoint_iteration={engine.state.iteration}.pt"):
             self.save(engine)
         if self.final_model:
             network = self.final_network if self.final_network is not None else self.save_dict["model"]

@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from ..tasks import get_task
 from .metrics import TaskMetricCollector
 
-__all__ = ["EvalReportHandler", "write_metrics_csv", "format_report", "atomic_write_text"]
+__all__ = ["EvalReportHandler", "ValidationSummaryHandler", "write_metrics_csv", "format_report", "atomic_write_text"]
 
 CSV_FIELDS = ("task", "file", "source", "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim")
 
@@ -107,3 +107,31 @@ class EvalReportHandler:
         report = format_report(self.collector.per_task_means(), self.model_name, counts)
         atomic_write_text(self.output_dir / "report.md", report)
         engine.logger.info("\n" + report)
+
+
+class ValidationSummaryHandler:
+    """When training ends, print the last validation as the papers' table (per task, LQ baseline and model).
+
+    Attach it to the trainer; ``collector`` is the validation evaluator's :class:`TaskMetricCollector`. The table is
+    also written to ``output_dir/validation_report.md`` when ``output_dir`` is given.
+    """
+
+    def __init__(self, collector: TaskMetricCollector, model_name: str = "model", output_dir: str | None = None):
+        self.collector = collector
+        self.model_name = model_name
+        self.output_dir = output_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.collector.rows:
+            return
+        counts: dict[str, int] = {}
+        for row in self.collector.rows:
+            counts[row["task"]] = counts.get(row["task"], 0) + 1
+        report = format_report(self.collector.per_task_means(), self.model_name, counts)
+        report = report.replace("# Evaluation of", f"# Validation at iteration {engine.state.iteration}:", 1)
+        if self.output_dir:
+            atomic_write_text(Path(self.output_dir) / "validation_report.md", report)
+        print("\n" + report, flush=True)

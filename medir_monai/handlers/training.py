@@ -9,7 +9,7 @@ import ignite.handlers
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["EpochSeedHandler", "LearningRateLogger", "ProgressBar", "loss_terms", "rank_zero_only"]
+__all__ = ["AttachHandler", "EpochSeedHandler", "LearningRateLogger", "ProgressBar", "loss_terms", "rank_zero_only"]
 
 
 def loss_terms(keys: Sequence[str] = ("loss", "l1", "balance", "sigma")) -> Callable[[Any], dict[str, float]]:
@@ -50,7 +50,7 @@ class EpochSeedHandler:
 class LearningRateLogger:
     """Write the learning rate of every parameter group to TensorBoard (``lr`` / ``lr/group<i>``)."""
 
-    def __init__(self, optimizer: Any, log_dir: str = "./runs", summary_writer: SummaryWriter | None = None, interval: int = 10):
+    def __init__(self, optimizer: Any, log_dir: str = "./runs", summary_writer: SummaryWriter | None = None, interval: int = 1):
         self.optimizer = optimizer
         self.log_dir = log_dir
         self.writer = summary_writer
@@ -86,3 +86,18 @@ def rank_zero_only(handlers: Sequence[Any], keep: Sequence[str] = ()) -> list[An
     if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
         return list(handlers)
     return [h for h in handlers if type(h).__name__ in set(keep)]
+
+
+class AttachHandler:
+    """Attach an object defined elsewhere in a bundle config (e.g. the loss, the best-model saver) to an engine.
+
+    Handler lists of MONAI bundles hold component definitions; this wrapper lets an ``@id`` reference take part.
+    """
+
+    def __init__(self, handler: Any):
+        if not hasattr(handler, "attach"):
+            raise TypeError(f"{type(handler).__name__} has no attach(engine) method")
+        self.handler = handler
+
+    def attach(self, engine: Engine) -> None:
+        self.handler.attach(engine)
