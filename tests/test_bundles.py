@@ -150,15 +150,17 @@ def test_resume_is_bit_identical(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_metadata_and_properties(name):
+def test_metadata_and_properties(name, dataset):
     from monai.bundle import verify_metadata
 
     cfg = _config(name)
     assert SCHEMA.is_file(), f"MONAI metadata schema missing at {SCHEMA}"
     verify_metadata(meta_file=str(cfg / "metadata.json"), filepath=str(SCHEMA))
+    data = {"train.json": dataset, "inference.json": dataset / "CT" / "test" / "LQ"}
     for config, kind in (("train.json", "train"), ("inference.json", "infer")):
         # init_id of a missing entry: parse the config without building the demo data or loading weights
-        workflow = ConfigWorkflow(config_file=str(cfg / config), workflow_type=kind, init_id="no_initialize")
+        workflow = ConfigWorkflow(config_file=str(cfg / config), workflow_type=kind, init_id="no_initialize",
+                                  dataset_dir=str(data[config]))
         workflow.initialize()
         assert workflow.check_properties() == [], (config, workflow.check_properties())
 
