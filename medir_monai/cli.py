@@ -104,27 +104,29 @@ def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overri
 
 
 def _run_restore(args: argparse.Namespace) -> int:
-    from .inference import restore_inputs
     from .networks import load_official_state_dict
 
-    overrides = {"input_path": args.input, "output_dir": args.output, "task": args.task, "overwrite": args.overwrite,
-                 "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
+    overrides = {"dataset_dir": str(Path(args.input).expanduser()), "output_dir": str(Path(args.output).expanduser()),
+                 "overwrite": args.overwrite, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
     if args.device:
         overrides["device"] = f"$torch.device({args.device!r})"
     parser = _bundle_parser(args.bundle, "inference.json", args.config, overrides)
+    parser["task"] = args.task  # None: from the DICOM Modality tag
     if args.checkpoint:
         parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
-    if args.task is None:
-        parser["task"] = None
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     if not ckpt.is_file():
         raise ValueError(f"{ckpt}: no trained weights (train the bundle first or pass --checkpoint)")
+    # the weights are loaded here (also the authors' checkpoints), so drop the bundle's CheckpointLoader
+    parser["handlers"] = [h for h in parser["handlers"] if "CheckpointLoader" not in str(h.get("_target_", ""))]
     network = parser.get_parsed_content("network")
     load_official_state_dict(network, str(ckpt))
     network.eval()
-    restorer = parser.get_parsed_content("restorer")
-    for path in restore_inputs(restorer, args.input, args.output, task=args.task, overwrite=args.overwrite):
-        print(path)
+    evaluator = parser.get_parsed_content("evaluator")
+    evaluator.run()
+    for handler in parser.get_parsed_content("handlers"):
+        for path in getattr(handler, "written", []):
+            print(path)
     return 0
 
 
@@ -236,10 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.io import DataError
     from .tasks import UnknownTaskError
 
+    user_errors = (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError)
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError) as err:
+        try:
+            return int(args.func(args) or 0)
+        except RuntimeError as wrapped:  # MONAI wraps errors raised inside transforms / engines
+            cause: BaseException | None = wrapped
+            while cause is not None and not isinstance(cause, user_errors):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+    except user_errors as err:
         print(f"medir {args.command}: error: {err}", file=sys.stderr)
         return 2
 
