@@ -72,7 +72,9 @@ def _task_tensor(batchdata: Mapping, device: Any, non_blocking: bool) -> torch.T
     return torch.as_tensor(batchdata["task"]).long().reshape(-1).to(device=device, non_blocking=non_blocking)
 
 
-def prepare_task_batch(batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
+def prepare_task_batch(
+    batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+):
     """``prepare_batch`` for stage III (and stage-II validation): ``(LQ, HQ, (), {"task": [B] int64})``.
 
     MONAI engines call ``network(LQ, task=task)`` with it, so the codebook (and the classifier's cross-entropy)
@@ -83,7 +85,9 @@ def prepare_task_batch(batchdata: dict, device: str | torch.device | None = None
     return lq, hq, (), {"task": _task_tensor(batchdata, device, non_blocking)}
 
 
-def prepare_hq_task_batch(batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
+def prepare_hq_task_batch(
+    batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+):
     """``prepare_batch`` for stage I: the HQ image is input and target, ``(HQ, HQ, (), {"task": [B] int64})``."""
     hq = batchdata["hq"].to(device=device, non_blocking=non_blocking, **kwargs)
     return hq, hq, (), {"task": _task_tensor(batchdata, device, non_blocking)}
@@ -184,7 +188,8 @@ class _TermLogger(nn.Module):
 
 
 class CodebookStageLoss(_TermLogger):
-    """Stage-I objective ``l1_weight * L1(recon, HQ) + vq_weight * vq`` (:class:`medir_monai.losses.DiffCodeCodebookLoss`).
+    """Stage-I objective ``l1_weight * L1(recon, HQ) + vq_weight * vq``, computed by
+    :class:`~medir_monai.losses.DiffCodeCodebookLoss`.
 
     ``vq = ||sg[z] - z_q||^2 + beta ||z - sg[z_q]||^2`` is read from ``network.aux_loss`` (a
     :class:`CodebookReconstruction`, possibly inside DDP). Logged terms: ``l1``, ``vq``, ``codebook``, ``commitment``.
@@ -306,7 +311,9 @@ class CodebookUsageHandler:
         net = unwrap(self.autoencoder)
         net = getattr(net, "autoencoder", net)  # CodebookReconstruction / DecodedPrior wrappers
         if not hasattr(net, "usage"):
-            raise TypeError(f"CodebookUsageHandler: {type(net).__name__} has no usage() (expected a DiffCodeAutoencoder)")
+            raise TypeError(
+                f"CodebookUsageHandler: {type(net).__name__} has no usage() (expected a DiffCodeAutoencoder)"
+            )
         return net
 
     def attach(self, engine: Engine) -> None:
@@ -421,7 +428,8 @@ def require_stage_files(stages: Mapping[str, str | os.PathLike], configs: str | 
     commands = [f"  python -m monai.bundle run {key} --config_file \"{configs}\"" for key in missing]
     raise MissingStageError(
         "DiffCode needs the weights of its earlier stages, and these files are missing:\n" + "\n".join(lines)
-        + "\nTrain them first (a one-time cost; the files are reused by later runs):\n" + "\n".join(commands)
+        + "\nTrain them first, with the same config files and overrides (a one-time cost; later runs reuse the "
+        "files):\n" + "\n".join(commands)
     )
 
 

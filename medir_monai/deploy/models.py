@@ -1,0 +1,186 @@
+"""Load a restoration model for deployment: an exported TorchScript / ONNX file or a bundle folder.
+
+The MONAI Deploy application and the MONAI Label app both take one ``--model`` path and need the same four things:
+a callable network ``(B, 1, H, W) -> (B, 1, H, W)`` in model space ``[0, 1]``, a name to write into the outputs,
+the sliding-window roi (the traced size for exports, the bundle's ``patch_size`` otherwise) and whether the
+network only accepts that size (see :func:`medir_monai.deploy.export.size_dependence`).
+
+Example::
+
+    >>> from medir_monai.deploy.models import load_restoration_model
+    >>> model = load_restoration_model("exported/amir.ts")
+    >>> model.name, model.roi_size, model.fixed_size
+    ('AMIR', (128, 128), False)
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medir_monai.inference import DEFAULT_ROI_SIZE
+
+__all__ = ["RestorationModel", "load_bundle_network", "load_restoration_model", "model_kind"]
+
+_INFERENCE_CONFIG = "inference.json"
+
+
+@dataclass
+class RestorationModel:
+    """A loaded restoration model and how to run it.
+
+    Attributes:
+        network: callable ``(B, 1, H, W) -> (B, 1, H, W)`` (a module, a TorchScript module or an ``OnnxNetwork``).
+        name: model name written into DICOM SeriesDescription / NIfTI ``descrip`` (e.g. ``"AMIR"``).
+        kind: ``"torchscript"``, ``"onnx"`` or ``"bundle"``.
+        roi_size: sliding-window size to use (traced size of an export, ``patch_size`` of a bundle).
+        fixed_size: the network only accepts ``roi_size`` inputs (a traced TAT).
+        source: the path it was loaded from.
+    """
+
+    network: Callable[[torch.Tensor], Any]
+    name: str
+    kind: str
+    roi_size: tuple[int, int]
+    fixed_size: bool
+    source: Path
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """``"bundle"`` (a folder with ``configs/inference.json``), ``"onnx"`` (``.onnx``) or ``"torchscript"`` (a zip).
+
+    Raises:
+        FileNotFoundError: missing path. ValueError: anything else, naming the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model path does not exist")
+    if path.is_dir():
+        if (path / "configs" / _INFERENCE_CONFIG).is_file():
+            return "bundle"
+        raise ValueError(f"{path}: a model folder must be a bundle with configs/{_INFERENCE_CONFIG}")
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        return "torchscript"
+    raise ValueError(f"{path}: not a TorchScript archive (zip), an .onnx file or a bundle folder")
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    values = [int(v) for v in value]
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"{what}: expected two positive sizes, got {value!r}")
+    return values[0], values[1]
+
+
+def load_bundle_network(
+    bundle: str | os.PathLike,
+    config_files: Sequence[str | os.PathLike] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    untrained: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The eval-mode network of a bundle, with its weights, and ``{"model_name", "roi_size", "checkpoint"}``.
+
+    Reads ``<bundle>/configs/inference.json`` (plus ``config_files`` merged over it, e.g. ``quick.json``), builds
+    ``network_def`` and loads ``checkpoint`` (default: the config's ``ckpt_path``) with
+    :func:`medir_monai.networks.load_official_state_dict` (this package's and the authors' key names).
+
+    Args:
+        untrained: skip the weights (random initialisation; for export parity checks only).
+
+    Raises:
+        ValueError: not a bundle folder or a missing extra config; FileNotFoundError: no weights.
+    """
+    from monai.bundle import ConfigParser
+
+    from medir_monai.networks import load_official_state_dict
+
+    root = Path(bundle).expanduser().resolve()
+    main_cfg = root / "configs" / _INFERENCE_CONFIG
+    if not main_cfg.is_file():
+        raise ValueError(f"{root}: not a bundle folder (no configs/{_INFERENCE_CONFIG})")
+    files = [main_cfg] + [Path(f).expanduser() for f in (config_files or [])]
+    for f in files[1:]:
+        if not f.is_file():
+            raise ValueError(f"{f}: extra config file does not exist")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    ckpt = None
+    if not untrained:
+        ckpt = Path(checkpoint).expanduser() if checkpoint else Path(parser.get_parsed_content("ckpt_path"))
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: no trained weights for bundle {root.name} "
+                                    "(train it first, pass a checkpoint, or export --untrained for parity checks)")
+        load_official_state_dict(network, str(ckpt))
+    network = network.to(device).eval()
+    name = parser.get("model_name", None) or type(network).__name__
+    roi = _pair(parser.get_parsed_content("patch_size"), f"{main_cfg} patch_size") if "patch_size" in parser else DEFAULT_ROI_SIZE
+    return network, {"model_name": str(name), "roi_size": roi, "checkpoint": str(ckpt) if ckpt else None}
+
+
+def _torchscript(path: Path, device: str | torch.device) -> RestorationModel:
+    from monai.data import load_net_with_metadata
+
+    from medir_monai.deploy.export import METADATA_KEY
+
+    try:
+        network, meta, _ = load_net_with_metadata(str(path), map_location=torch.device(device))
+    except Exception as err:
+        raise ValueError(f"{path}: cannot load the TorchScript model: {type(err).__name__}: {err}") from err
+    ours = meta.get(METADATA_KEY, {}) if isinstance(meta, dict) else {}
+    if ours.get("input_shape"):
+        roi = _pair(ours["input_shape"][-2:], f"{path} metadata input_shape")
+    else:  # a bundle's own ckpt_export: metadata.json carries network_data_format
+        spatial = meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("spatial_shape")
+        roi = _pair(spatial, f"{path} metadata spatial_shape") if spatial else DEFAULT_ROI_SIZE
+    name = ours.get("model_name") or meta.get("name") or path.stem
+    return RestorationModel(network.eval(), str(name), "torchscript", roi, bool(ours.get("fixed_size", False)), path)
+
+
+def _onnx(path: Path) -> RestorationModel:
+    from medir_monai.deploy.export import OnnxNetwork
+
+    network = OnnxNetwork(path)
+    meta = network.metadata
+    static = [d for d in network.input_shape[2:] if isinstance(d, int)]
+    if meta.get("input_shape"):
+        roi = _pair(meta["input_shape"][-2:], f"{path} metadata input_shape")
+    elif len(static) == 2:
+        roi = (static[0], static[1])
+    else:
+        roi = DEFAULT_ROI_SIZE
+    fixed = bool(meta.get("fixed_size", len(static) == 2))
+    return RestorationModel(network, str(meta.get("model_name") or path.stem), "onnx", roi, fixed, path)
+
+
+def load_restoration_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    config_files: Sequence[str | os.PathLike] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+) -> RestorationModel:
+    """Load a TorchScript archive (``.ts`` / ``.pt`` from :func:`~medir_monai.deploy.export.export_torchscript` or
+    ``monai.bundle ckpt_export``), an ``.onnx`` file or a bundle folder (``config_files`` / ``checkpoint`` only
+    apply to bundles).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the path, for a missing or unrecognised model.
+    """
+    path = Path(path).expanduser()
+    kind = model_kind(path)
+    if kind == "onnx":
+        return _onnx(path)
+    if kind == "torchscript":
+        return _torchscript(path, device)
+    network, info = load_bundle_network(path, config_files=config_files, checkpoint=checkpoint, device=device)
+    # an eager network (TAT included) handles any size; fixed_size only describes traced graphs
+    return RestorationModel(network, info["model_name"], "bundle", info["roi_size"], False, path)
