@@ -25,6 +25,7 @@ MODELS = {
     "restormer": ("medir_monai.networks.restormer", "Restormer"),
     "amir": ("medir_monai.networks.amir", "AMIR"),
     "tat": ("medir_monai.networks.tat", "TAT"),
+    "diffcode": ("medir_monai.networks.diffcode", "DiffCode"),  # stages I + II + III (the prior is frozen in III)
 }
 
 
