@@ -59,7 +59,7 @@ def test_traced_tat_refuses_other_sizes_with_a_clear_error(tmp_path):
     net = tiny("tat")
     assert "local-converter" in ex.size_dependence(net)
     exported = torch.jit.load(str(ex.export_torchscript(net, tmp_path / "tat.ts", TRACED)))
-    with pytest.raises(RuntimeError, match=r"only valid for inputs of 32x32.*got 80x72"):
+    with pytest.raises((RuntimeError, torch.jit.Error), match=r"(?s)only valid for inputs of 32x32.*got 80x72"):
         exported(torch.rand(1, 1, 80, 72))
 
 
@@ -93,7 +93,7 @@ def test_metadata_round_trip_and_model_loading(tmp_path):
 
 
 def test_bad_export_arguments_and_model_paths(tmp_path):
-    with pytest.raises(ValueError, match="1 channel"):
+    with pytest.raises(ValueError, match="3 channel.*network takes 1"):
         ex.export_torchscript(tiny("restormer"), tmp_path / "x.ts", (1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         ex.export_torchscript(tiny("restormer"), tmp_path / "x.ts", (32, 32))

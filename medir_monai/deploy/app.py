@@ -43,8 +43,9 @@ from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorO
 
 from medir_monai.deploy.models import RestorationModel, load_restoration_model
 from medir_monai.deploy.series import RestoredScan, restore_scan, scan_from_datasets, write_restored
+from medir_monai.data.io import DataError
 from medir_monai.inference import input_kind, read_scan
-from medir_monai.tasks import TASKS, get_task
+from medir_monai.tasks import TASKS, UnknownTaskError, get_task
 
 __all__ = [
     "SERIES_SELECTION_RULES",
@@ -251,9 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sdk_argv = [sys.executable, "medir-deploy", "-i", str(Path(args.input).expanduser()),
                 "-o", str(Path(args.output).expanduser()), "-m", str(Path(args.model).expanduser()),
                 "-l", args.log_level.upper()]
-    app = MedirRestoreApp(sdk_argv, task=args.task, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                          overwrite=args.overwrite, config_files=args.config, checkpoint=args.checkpoint)
-    app.run()
+    try:
+        task = get_task(args.task).name if args.task else None
+        app = MedirRestoreApp(sdk_argv, task=task, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                              overwrite=args.overwrite, config_files=args.config, checkpoint=args.checkpoint)
+        app.run()
+    except (DataError, UnknownTaskError, ValueError, FileExistsError, FileNotFoundError) as err:
+        # bad input, ambiguous task, existing output, unusable model: one clear line (the SDK logged the rest)
+        print(f"medir deploy: error: {err}", file=sys.stderr)
+        return 2
     written = app.writer.written if app.writer is not None else []
     for path in written:
         print(path)

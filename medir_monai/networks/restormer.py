@@ -72,7 +72,7 @@ class Restormer(nn.Module):
         residual: bool = True,
     ) -> None:
         super().__init__()
-        _check_config(type(self).__name__, in_channels, out_channels, dim, num_blocks, heads, residual)
+        check_backbone_config(type(self).__name__, in_channels, out_channels, dim, num_blocks, heads, residual)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.residual = residual
@@ -160,7 +160,7 @@ class Restormer(nn.Module):
         return rename_state_dict(self.state_dict(), TRANSFORMER_BLOCK_KEY_RULES, reverse=True)
 
 
-def _check_config(
+def check_backbone_config(
     owner: str,
     in_channels: int,
     out_channels: int,

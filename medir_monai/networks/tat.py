@@ -44,6 +44,7 @@ from .blocks import (
     pad_to_multiple,
 )
 from .official import KeyRule, rename_state_dict
+from .restormer import check_backbone_config
 
 __all__ = [
     "TAT",
@@ -637,28 +638,8 @@ def _check_config(
     residual: bool,
     tren_shuffle: int,
 ) -> None:
-    """Clear errors for configurations TAT cannot build."""
-    if in_channels < 1 or out_channels < 1:
-        raise ValueError(f"TAT: in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}.")
-    if residual and in_channels != out_channels:
-        raise ValueError(
-            f"TAT: the global residual needs in_channels == out_channels (got {in_channels}, {out_channels}); "
-            "pass residual=False otherwise."
-        )
-    if dim < 2 or dim % 2 != 0:
-        raise ValueError(f"TAT: dim must be even and >= 2 (pixel-unshuffle and TREN halve it), got {dim}.")
-    if len(num_blocks) != NUM_LEVELS or len(heads) != NUM_LEVELS:
-        raise ValueError(
-            f"TAT: num_blocks and heads need {NUM_LEVELS} entries (levels 1..4), got {list(num_blocks)}, {list(heads)}."
-        )
-    for level, (n_heads, depth) in enumerate(zip(heads, num_blocks)):
-        width = dim * 2**level
-        if n_heads < 1 or width % n_heads != 0:
-            raise ValueError(f"TAT: heads[{level}]={n_heads} must divide the level's {width} channels.")
-        if depth < 0:
-            raise ValueError(f"TAT: num_blocks[{level}] must be >= 0, got {depth}.")
-    if (2 * dim) % heads[0] != 0:
-        raise ValueError(f"TAT: heads[0]={heads[0]} must divide 2 * dim = {2 * dim}.")
+    """Clear errors for configurations TAT cannot build: the Restormer body's rules plus TREN's."""
+    check_backbone_config("TAT", in_channels, out_channels, dim, num_blocks, heads, residual)
     if tren_shuffle < 1 or (8 * dim) % (tren_shuffle**2) != 0:
         raise ValueError(
             f"TAT: tren_shuffle={tren_shuffle}: the latent's 8 * dim = {8 * dim} channels must be divisible by "
