@@ -92,3 +92,20 @@ def test_medir_restore_with_a_bundle(tmp_path):
     assert main(args) == 2  # exists: needs --overwrite
     assert main(args + ["--overwrite"]) == 0
     assert main([*args[:-2]]) == 2  # NIfTI without --task is ambiguous
+
+
+def test_medir_interference_prints_a_task_table(tmp_path, capsys):
+    from test_bundles import _write_layout
+
+    layout = _write_layout(tmp_path / "layout")
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({**TINY_NET, "patch_size": [32, 32]}))
+    args = ["interference", "--bundle", str(REPO_ROOT / "bundles" / "amir"), "--config", str(tiny),
+            "--dataset-dir", str(layout), "--batches", "2", "--batch-size", "1"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| mri_sr") or line.startswith("| ct_denoise")
+            or line.startswith("| pet_synthesis")]
+    assert len(rows) == 3
+    diagonal = [float(row.split("|")[i + 2]) for i, row in enumerate(rows)]
+    assert diagonal == pytest.approx([1.0, 1.0, 1.0])
