@@ -36,6 +36,7 @@ LABEL_PKGS=(monailabel==0.8.5 torchvision==0.28.0 "numpy<2")
 LABEL_PORT="${LABEL_PORT:-8123}"
 DEMO="$ROOT/demo"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+ulimit -s 32768 2>/dev/null || true  # Holoscan warns below a 32 MB stack
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -86,9 +87,8 @@ make_demo() {
 
 run_deploy() {
   say "MONAI Deploy app: python -m medir_monai.deploy.app -i $DEMO/ct_series -o $DEMO/deploy_out -m $DEMO/amir.ts"
-  (ulimit -s 32768 2>/dev/null || true
-   HOLOSCAN_LOG_LEVEL=WARN "$ROOT/deploy/bin/python" -m medir_monai.deploy.app -i "$DEMO/ct_series" \
-     -o "$DEMO/deploy_out" -m "$DEMO/amir.ts" -l WARN)
+  HOLOSCAN_LOG_LEVEL=WARN "$ROOT/deploy/bin/python" -m medir_monai.deploy.app -i "$DEMO/ct_series" \
+    -o "$DEMO/deploy_out" -m "$DEMO/amir.ts" -l WARN
   "$ROOT/deploy/bin/python" - "$DEMO" <<'EOF'
 import sys
 from pathlib import Path

@@ -37,9 +37,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.deploy.conditions import CountCondition
-from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
-from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
+try:
+    from monai.deploy.conditions import CountCondition
+    from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
+    from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
+except ImportError as _err:
+    raise ImportError(
+        f"medir_monai.deploy.app needs the MONAI Deploy App SDK ({_err}); install it with "
+        "pip install -e .[deploy] (docs/deploy.md)"
+    ) from _err
 
 from medir_monai.deploy.models import RestorationModel, load_restoration_model
 from medir_monai.deploy.series import RestoredScan, restore_scan, scan_from_datasets, write_restored

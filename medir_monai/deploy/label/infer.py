@@ -21,8 +21,12 @@ from medir_monai.deploy.label.core import ensure_pydicom_seg_compat
 
 ensure_pydicom_seg_compat()  # before MONAI Label pulls in pydicom-seg
 
-from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
-from monailabel.tasks.infer.basic_infer import BasicInferTask  # noqa: E402
+try:
+    from monailabel.interfaces.tasks.infer_v2 import InferType
+    from monailabel.tasks.infer.basic_infer import BasicInferTask
+except ImportError as _err:
+    raise ImportError(f"the MONAI Label app needs monailabel ({_err}); install it in its own environment "
+                      "with pip install -e .[label] (docs/deploy.md)") from _err
 
 from medir_monai.deploy.label.core import restore_to_nifti  # noqa: E402
 from medir_monai.deploy.models import RestorationModel, load_restoration_model  # noqa: E402

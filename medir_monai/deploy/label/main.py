@@ -26,8 +26,12 @@ from medir_monai.deploy.label.core import ensure_pydicom_seg_compat
 
 ensure_pydicom_seg_compat()
 
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+try:
+    from monailabel.interfaces.app import MONAILabelApp
+    from monailabel.interfaces.tasks.infer_v2 import InferTask
+except ImportError as _err:
+    raise ImportError(f"the MONAI Label app needs monailabel ({_err}); install it in its own environment "
+                      "with pip install -e .[label] (docs/deploy.md)") from _err
 
 from medir_monai.deploy.label.core import discover_models  # noqa: E402
 from medir_monai.deploy.label.infer import RestorationInfer  # noqa: E402
