@@ -920,16 +920,8 @@ def restore_inputs(
     A folder holding ``.dcm`` files (or files without a suffix) is one DICOM series; a folder of NIfTI / ITK files is
     restored file by file. Output names come from :func:`output_path_for`.
     """
-    source = Path(input_path).expanduser()
-    if not source.exists():
-        raise DataError(f"{source}: input does not exist")
     out_dir = Path(output_dir).expanduser()
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")) if source.is_dir() else []
-    plain_folder = bool(files) and all(_has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES) for p in files)
-    if source.is_dir() and plain_folder:
-        inputs = files
-    else:
-        inputs = [source]
+    inputs = [Path(item["image"]) for item in list_inputs(input_path)]
     return [restorer(p, output_path_for(p, out_dir), task=task, overwrite=overwrite) for p in inputs]
 
 
