@@ -23,3 +23,18 @@ def load_fixture(name: str) -> dict:
 @pytest.fixture
 def fixture_loader():
     return load_fixture
+
+
+def official_backbone_kwargs(cfg: dict) -> dict:
+    """Constructor arguments of our Restormer-style models from the ``config`` of an authors' fixture."""
+    return dict(
+        in_channels=cfg["inp_channels"],
+        out_channels=cfg["out_channels"],
+        dim=cfg["dim"],
+        num_blocks=cfg["num_blocks"],
+        num_refinement_blocks=cfg["num_refinement_blocks"],
+        heads=cfg["heads"],
+        ffn_expansion_factor=cfg["ffn_expansion_factor"],
+        bias=cfg["bias"],
+        layer_norm_bias=cfg["LayerNorm_type"] == "WithBias",
+    )

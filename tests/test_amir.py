@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_fixture, official_backbone_kwargs
 
 from medir_monai.networks.amir import AMIR, SpatialMoE, cv_squared
 from medir_monai.networks.official import load_official_state_dict, to_official_state_dict
@@ -18,28 +17,10 @@ PAPER_PARAMS = 23_540_498
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
 
 
-def fixture_dir() -> Path:
-    return Path(os.environ.get("MEDIR_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-
-
-def load_fixture(name: str) -> dict:
-    path = fixture_dir() / name
-    if not path.is_file():
-        pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the fixtures folder)")
-    return torch.load(path, weights_only=True, map_location="cpu")
-
 
 def amir_from_official_config(cfg: dict, **kwargs) -> AMIR:
     return AMIR(
-        in_channels=cfg["inp_channels"],
-        out_channels=cfg["out_channels"],
-        dim=cfg["dim"],
-        num_blocks=cfg["num_blocks"],
-        num_refinement_blocks=cfg["num_refinement_blocks"],
-        heads=cfg["heads"],
-        ffn_expansion_factor=cfg["ffn_expansion_factor"],
-        bias=cfg["bias"],
-        layer_norm_bias=cfg["LayerNorm_type"] == "WithBias",
+        **official_backbone_kwargs(cfg),
         atom_num=cfg["atom_num"],
         atom_dim=cfg["atom_dim"],
         num_experts=cfg["num_experts"],

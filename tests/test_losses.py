@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_fixture
 
 from medir_monai.losses import TATLossBalancing, TaskUncertaintyLoss, cv_squared
 
 TOL = 1e-5
 
 
-def _fixture(name: str) -> dict:
-    root = Path(os.environ.get("MEDIR_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-    path = root / name
-    if not path.is_file():
-        pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the fixtures folder)")
-    return torch.load(path, weights_only=True)
-
 
 @pytest.fixture(scope="module")
 def balancing():
-    data = _fixture("tat_loss_balancing_official.pt")
+    data = load_fixture("tat_loss_balancing_official.pt")
     loss_fn = TATLossBalancing()
     loss_fn.load_state_dict(data["state_dict"])  # official key names load directly
     return loss_fn, data

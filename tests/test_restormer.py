@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_fixture, official_backbone_kwargs
 import torch.nn.functional as F
 
 from medir_monai.networks.blocks import ChannelLayerNorm, TransformerBlock, crop_to_size, pad_to_multiple
@@ -19,28 +18,10 @@ PAPER_PARAMS = 26_124_052
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
 
 
-def fixture_dir() -> Path:
-    return Path(os.environ.get("MEDIR_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-
-
-def load_fixture(name: str) -> dict:
-    path = fixture_dir() / name
-    if not path.is_file():
-        pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the fixtures folder)")
-    return torch.load(path, weights_only=True, map_location="cpu")
-
 
 def restormer_from_official_config(cfg: dict) -> Restormer:
     return Restormer(
-        in_channels=cfg["inp_channels"],
-        out_channels=cfg["out_channels"],
-        dim=cfg["dim"],
-        num_blocks=cfg["num_blocks"],
-        num_refinement_blocks=cfg["num_refinement_blocks"],
-        heads=cfg["heads"],
-        ffn_expansion_factor=cfg["ffn_expansion_factor"],
-        bias=cfg["bias"],
-        layer_norm_bias=cfg["LayerNorm_type"] == "WithBias",
+        **official_backbone_kwargs(cfg),
     )
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_fixture, official_backbone_kwargs
 import torch.nn.functional as F
 
 from medir_monai.networks.official import load_official_state_dict
@@ -23,25 +22,10 @@ TOL = 1e-5
 PAPER_PARAMS = 41_687_424
 
 
-def _fixture(name: str) -> dict:
-    root = Path(os.environ.get("MEDIR_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-    path = root / name
-    if not path.is_file():
-        pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the fixtures folder)")
-    return torch.load(path, weights_only=True)
-
 
 def _from_official_config(cfg: dict, **kwargs) -> TAT:
     return TAT(
-        in_channels=cfg["inp_channels"],
-        out_channels=cfg["out_channels"],
-        dim=cfg["dim"],
-        num_blocks=cfg["num_blocks"],
-        num_refinement_blocks=cfg["num_refinement_blocks"],
-        heads=cfg["heads"],
-        ffn_expansion_factor=cfg["ffn_expansion_factor"],
-        bias=cfg["bias"],
-        layer_norm_bias=cfg["LayerNorm_type"] == "WithBias",
+        **official_backbone_kwargs(cfg),
         **kwargs,
     )
 
@@ -62,7 +46,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def official():
-    data = _fixture("tat_official_tiny.pt")
+    data = load_fixture("tat_official_tiny.pt")
     model = _from_official_config(data["config"]).eval()
     load_official_state_dict(model, data["state_dict"])
     return model, data
