@@ -71,7 +71,6 @@ __all__ = [
     "check_output_path",
     "task_unit_factor",
     "input_kind",
-    "restore_inputs",
     "list_inputs",
     "LoadScand",
     "prepare_scan_batch",
@@ -878,14 +877,14 @@ def restore_file(
 
 
 class Restorer:
-    """A network plus sliding-window settings, callable on files: the object a bundle's ``inference.json`` or
-    the ``medir restore`` command builds once and applies to every input.
+    """A network plus sliding-window settings, callable on files (:func:`restore_file` with fixed options), for
+    scripts that restore many inputs with one model. The bundles' ``inference.json`` uses the MONAI-engine form
+    below (:class:`LoadScand`, :class:`ScanInferer`, :class:`RestoredScanWriter`), which runs the same functions.
 
-    Example (bundle config)::
+    Example::
 
-        "restorer": {"_target_": "medir_monai.inference.Restorer", "network": "@network",
-                     "model_name": "AMIR", "roi_size": [128, 128], "overlap": 0.25, "sw_batch_size": 4},
-        "run": "$@restorer(@input_path, @output_path, task=@task, overwrite=@overwrite)"
+        restorer = Restorer(network, model_name="AMIR", roi_size=(128, 128), overlap=0.25)
+        restorer("ct_series/", "out/ct_series_restored")
 
     Args:
         network: 2-D restoration network.
@@ -906,23 +905,6 @@ class Restorer:
     def restore_array(self, image: torch.Tensor | np.ndarray, task: str | Task, **sw_kwargs: Any):
         """:func:`restore_array` with this restorer's network and settings."""
         return restore_array(self.network, image, task, **{**self.sw_kwargs, **sw_kwargs})
-
-
-def restore_inputs(
-    restorer: Restorer,
-    input_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    task: str | Task | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
-    """Restore one input (a file or a DICOM series folder) or every image file of a plain folder into ``output_dir``.
-
-    A folder holding ``.dcm`` files (or files without a suffix) is one DICOM series; a folder of NIfTI / ITK files is
-    restored file by file. Output names come from :func:`output_path_for`.
-    """
-    out_dir = Path(output_dir).expanduser()
-    inputs = [Path(item["image"]) for item in list_inputs(input_path)]
-    return [restorer(p, output_path_for(p, out_dir), task=task, overwrite=overwrite) for p in inputs]
 
 
 # ---- the MONAI-engine form used by the bundles' inference.json --------------------------------------------
