@@ -36,7 +36,7 @@ __all__ = ["AMIR", "SpatialMoE", "SpatialRouting", "ChannelRouting", "Instructio
 #: combine modes of :class:`SpatialMoE`
 MOE_COMBINE_MODES = ("log", "linear")
 #: expert dispatch modes of :class:`SpatialMoE`
-MOE_DISPATCH_MODES = ("sparse", "dense")
+MOE_DISPATCH_MODES = ("auto", "sparse", "dense")
 #: the authors replace exact zeros of the mixed output by float64 machine epsilon before the log
 LOG_COMBINE_EPS = float(torch.finfo(torch.float64).eps)
 
@@ -97,11 +97,12 @@ class SpatialMoE(nn.Module):
             ``"linear"`` (paper: ``sum_k g_k E_k``).
         noisy_gating: add the learnt gating noise in training.
         noise_eps: floor of the noise standard deviation.
-        dispatch: ``"sparse"``: one sort and one gather, each expert runs on its own tokens only (needs the
-            per-expert token counts on the host: one device sync per call); ``"dense"``: every expert runs on
-            every token and the top-k outputs are gathered (no sync, same result, about num_experts/top_k times
-            the expert FLOPs). Tracing, scripting and ``torch.compile`` always use ``"dense"``, so exported
-            graphs do not bake in token counts.
+        dispatch: ``"sparse"``: one sort and one gather, each expert runs on its own tokens only (the
+            per-expert token counts are read on the host: free on CPU, one device sync per call on a GPU);
+            ``"dense"``: every expert runs on every token and the top-k outputs are gathered (no sync, same
+            result, about num_experts/top_k times the expert FLOPs); ``"auto"`` (default): sparse on CPU,
+            dense on accelerators. Tracing, scripting and ``torch.compile`` always use ``"dense"``, so
+            exported graphs do not bake in token counts.
         log_eps: replacement for exact zeros before the log (``combine="log"``).
         cv_eps: epsilon of :func:`cv_squared`.
 
@@ -119,7 +120,7 @@ class SpatialMoE(nn.Module):
         combine: str = "log",
         noisy_gating: bool = True,
         noise_eps: float = 0.01,
-        dispatch: str = "sparse",
+        dispatch: str = "auto",
         log_eps: float = LOG_COMBINE_EPS,
         cv_eps: float = 1e-10,
     ) -> None:
@@ -194,21 +195,23 @@ class SpatialMoE(nn.Module):
         return cv_squared(importance, self.cv_eps) + cv_squared(load, self.cv_eps)
 
     # -- experts ------------------------------------------------------------------------------------------
-    def _use_dense(self) -> bool:
+    def _use_dense(self, device: torch.device) -> bool:
         if self.dispatch == "dense" or torch.jit.is_scripting() or torch.jit.is_tracing():
+            return True
+        if self.dispatch == "auto" and device.type != "cpu":
             return True
         return bool(torch.compiler.is_compiling())
 
     def _run_experts(self, tokens: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """Outputs of each token's chosen experts, [N, k, C] in the order of ``top_idx``."""
         n, k = top_idx.shape
-        if self._use_dense():
+        if self._use_dense(tokens.device):
             every = torch.stack([expert(tokens) for expert in self.experts], dim=1)  # [N, E, C]
             return every.gather(1, top_idx.unsqueeze(-1).expand(n, k, every.shape[-1]))
         flat_expert = top_idx.reshape(-1)  # [N*k], assignment j belongs to token j // k
         order = torch.argsort(flat_expert, stable=True)
         routed = tokens.index_select(0, order // k)  # tokens grouped by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # the one host sync
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # host read (a sync on GPU)
         chunks = routed.split(counts, dim=0)
         outs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)], dim=0)
         return torch.zeros_like(outs).index_copy(0, order, outs).view(n, k, -1)
@@ -387,7 +390,8 @@ class AMIR(Restormer):
         num_experts, top_k: SRM experts and experts per token.
         moe_combine: ``"log"`` (authors' code, default) or ``"linear"`` (paper), see :class:`SpatialMoE`.
         moe_noise_eps: floor of the gating noise standard deviation.
-        moe_dispatch: ``"sparse"`` or ``"dense"`` expert dispatch, see :class:`SpatialMoE`.
+        moe_dispatch: ``"auto"``, ``"sparse"`` or ``"dense"`` expert dispatch, see :class:`SpatialMoE`.
+        channels_last, activation_checkpointing: see :class:`Restormer` (the SRM/CRM are not checkpointed).
     """
 
     #: encoder levels with an SRM at their input
@@ -411,7 +415,9 @@ class AMIR(Restormer):
         top_k: int = 2,
         moe_combine: str = "log",
         moe_noise_eps: float = 0.01,
-        moe_dispatch: str = "sparse",
+        moe_dispatch: str = "auto",
+        channels_last: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -424,6 +430,8 @@ class AMIR(Restormer):
             bias=bias,
             layer_norm_bias=layer_norm_bias,
             residual=residual,
+            channels_last=channels_last,
+            activation_checkpointing=activation_checkpointing,
         )
         widths = [dim * 2**level for level in range(NUM_LEVELS)]
         moe_kwargs: dict[str, Any] = dict(

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .blocks import (
     TRANSFORMER_BLOCK_KEY_RULES,
+    ActivationCheckpointing,
     Downsample,
     OverlapPatchEmbed,
     TransformerBlock,
@@ -31,7 +32,7 @@ __all__ = ["Restormer"]
 NUM_LEVELS = 4
 
 
-class Restormer(nn.Module):
+class Restormer(ActivationCheckpointing, nn.Module):
     """Restormer image-restoration network for 2-D images (Restormer Sec. 3, Fig. 2).
 
     Four-level encoder-decoder of :class:`~medir_monai.networks.blocks.TransformerBlock` stages; level ``l``
@@ -53,6 +54,11 @@ class Restormer(nn.Module):
             the authors' code, the patch embedding and the resampling convs never have a bias.
         layer_norm_bias: WithBias (True, published) or BiasFree layer norm.
         residual: add the input to the output (the published model does).
+        channels_last: run the features in channels-last memory format (same maths; 1.5-2x faster on CPU,
+            see :mod:`medir_monai.networks.blocks`). Inputs and outputs can have any layout.
+        activation_checkpointing: recompute every transformer block's activations in the backward pass
+            instead of storing them (about 4x less training memory for about 1.3x the step time; results
+            unchanged). Off by default.
     """
 
     #: height and width of the body's input must be multiples of this (2 ** number of down-samplings)
@@ -70,18 +76,23 @@ class Restormer(nn.Module):
         bias: bool = False,
         layer_norm_bias: bool = True,
         residual: bool = True,
+        channels_last: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_backbone_config(type(self).__name__, in_channels, out_channels, dim, num_blocks, heads, residual)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.residual = residual
+        self.channels_last = channels_last
         widths = [dim * 2**level for level in range(NUM_LEVELS)]  # channels of levels 1..4
 
         def stage(width: int, depth: int, num_heads: int) -> nn.Sequential:
             return nn.Sequential(
                 *[
-                    TransformerBlock(width, num_heads, ffn_expansion_factor, bias, layer_norm_bias)
+                    TransformerBlock(
+                        width, num_heads, ffn_expansion_factor, bias, layer_norm_bias, activation_checkpointing
+                    )
                     for _ in range(depth)
                 ]
             )
@@ -116,9 +127,14 @@ class Restormer(nn.Module):
         """Called on the input of the latent stage (``level`` 4) and of decoder levels 3..1."""
         return x
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Shallow features of the padded input, in the body's memory format."""
+        feat = self.patch_embed(x)
+        return feat.contiguous(memory_format=torch.channels_last) if self.channels_last else feat
+
     def _restore(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
         """The U-shaped body on a padded input; returns the output conv's result (no global residual)."""
-        enc1 = self.encoder_level1(self._route_encoder(1, self.patch_embed(x), context))
+        enc1 = self.encoder_level1(self._route_encoder(1, self._embed(x), context))
         enc2 = self.encoder_level2(self._route_encoder(2, self.down1_2(enc1), context))
         enc3 = self.encoder_level3(self._route_encoder(3, self.down2_3(enc2), context))
         lat = self.latent(self._route_decoder(4, self.down3_4(enc3), context))
@@ -140,7 +156,7 @@ class Restormer(nn.Module):
             )
 
     def _finish(self, body_out: torch.Tensor, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        out = crop_to_size(body_out, size)
+        out = crop_to_size(body_out, size).contiguous()  # NCHW out, whatever the body's layout
         return out + x if self.residual else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

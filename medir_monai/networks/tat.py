@@ -35,11 +35,15 @@ from monai.networks.blocks.convolutions import Convolution
 
 from .blocks import (
     TRANSFORMER_BLOCK_KEY_RULES,
+    ActivationCheckpointing,
     ChannelLayerNorm,
+    CheckpointedBlock,
     Downsample,
     OverlapPatchEmbed,
     TransformerBlock,
     Upsample,
+    channel_attention,
+    gated_halves,
     crop_to_size,
     pad_to_multiple,
 )
@@ -50,6 +54,7 @@ __all__ = [
     "TAT",
     "TaskRepresentationEncoder",
     "SampleAdaptiveDepthwiseConv",
+    "per_sample_depthwise_conv",
     "AdaptiveTransformerBlock",
     "LocalConverterTransformerBlock",
     "channel_attention",
@@ -83,27 +88,6 @@ TAT_KEY_RULES: tuple[KeyRule, ...] = (
 # ----------------------------------------------------------------------------------------------------------
 # attention and the test-time local converter
 # ----------------------------------------------------------------------------------------------------------
-def channel_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tensor) -> torch.Tensor:
-    """Transposed (channel) self-attention of Restormer (Restormer Eq. 1) on a mixed ``qkv`` map.
-
-    Args:
-        qkv: ``(B, 3C, H, W)``, the concatenation of queries, keys and values.
-        num_heads: heads; must divide ``C``.
-        temperature: ``(num_heads, 1, 1)`` learnable scale of the attention logits.
-
-    Returns:
-        ``(B, C, H, W)``: ``softmax(norm(q) norm(k)^T * temperature) v`` per head, over channels.
-    """
-    b, c3, h, w = qkv.shape
-    c = c3 // 3
-    # (B, 3C, H, W) -> 3 x (B, heads, C/heads, H*W)
-    q, k, v = qkv.reshape(b, 3, num_heads, c // num_heads, h * w).unbind(dim=1)
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    attn = ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
-    return (attn @ v).reshape(b, c, h, w)
-
-
 def local_window_starts(size: int, window: int) -> list[int]:
     """Start offsets of the overlapping windows covering ``size`` pixels along one axis.
 
@@ -179,6 +163,7 @@ class LocalConverterTransformerBlock(TransformerBlock):
     Args:
         dim, num_heads, ffn_expansion_factor, bias, layer_norm_bias: as for ``TransformerBlock``.
         window: ``(height, width)`` of the local-converter windows, or None (always global attention).
+        activation_checkpointing: as for ``TransformerBlock``.
     """
 
     def __init__(
@@ -189,19 +174,19 @@ class LocalConverterTransformerBlock(TransformerBlock):
         bias: bool,
         layer_norm_bias: bool = True,
         window: tuple[int, int] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(dim, num_heads, ffn_expansion_factor, bias, layer_norm_bias)
+        super().__init__(dim, num_heads, ffn_expansion_factor, bias, layer_norm_bias, activation_checkpointing)
         self.window = window
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attn  # MONAI CABlock: qkv / qkv_dwconv / project_out convolutions and temperature
-        qkv = attn.qkv_dwconv(attn.qkv(x))
+        attn = self.attn  # ChannelAttention: qkv / qkv_dwconv / project_out convolutions and temperature
         out = local_converter(
-            qkv, lambda t: channel_attention(t, attn.num_heads, attn.temperature), self.window
+            attn.mixed_qkv(x), lambda t: channel_attention(t, attn.num_heads, attn.temperature), self.window
         )
         return attn.project_out(out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x + self._attention(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
@@ -240,15 +225,30 @@ class SampleAdaptiveDepthwiseConv(nn.Module):
         else:
             raise ValueError(f"SampleAdaptiveDepthwiseConv: init must be 'normal' or 'kaiming', got {init!r}.")
 
-    def forward(self, x: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+    def kernel(self, generated: torch.Tensor, batch: int) -> torch.Tensor:
+        """The per-sample kernels ``W_shared + lambda * W_generated``, ``(B, C, 1, k, k)``."""
         k = self.kernel_size
-        kernel = self.weight + self.lambda_dw * generated.reshape(b, c, 1, k, k)  # (B, C, 1, k, k)
-        if torch.jit.is_tracing():
-            return _depthwise_shift_and_add(x, kernel[:, :, 0])
-        # the whole batch as one grouped convolution: (1, B*C, H, W) with B*C kernels
-        out = F.conv2d(x.reshape(1, b * c, h, w), kernel.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
-        return out.reshape(b, c, h, w)
+        return self.weight + self.lambda_dw * generated.reshape(batch, self.channels, 1, k, k)
+
+    def forward(self, x: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        return per_sample_depthwise_conv(x, self.kernel(generated, x.shape[0]))
+
+
+def per_sample_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise "same" convolution of each sample of ``x`` (B, C, H, W) with its own ``kernel`` (B, C, 1, k, k).
+
+    Channels-last inputs run one depthwise conv per sample (oneDNN's fast path, layout kept); NCHW inputs run
+    the whole batch as one grouped convolution over ``B * C`` groups; traced graphs use shifted sums.
+    """
+    b, c, h, w = x.shape
+    k = kernel.shape[-1]
+    if torch.jit.is_tracing():
+        return _depthwise_shift_and_add(x, kernel[:, :, 0])
+    if b > 1 and c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        per_sample = kernel.unbind(0)  # B x (C, 1, k, k)
+        return torch.cat([F.conv2d(x[i : i + 1], per_sample[i], padding=k // 2, groups=c) for i in range(b)])
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernel.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
+    return out.reshape(b, c, h, w)
 
 
 def _depthwise_shift_and_add(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -319,14 +319,18 @@ class AdaptiveGatedFeedForward(nn.Module):
         self.project_out = _pointwise(hidden, dim, bias)
 
     def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.dynamic_dwconv(self.project_in(x), kernel).chunk(2, dim=1)
+        kernels = self.dynamic_dwconv.kernel(kernel, x.shape[0])  # (B, 2 * hidden, 1, k, k)
+        x1, x2 = gated_halves(
+            x, self.project_in.conv, lambda h, part: per_sample_depthwise_conv(h, kernels[:, part])
+        )
         return self.project_out(F.gelu(x1) * x2)
 
 
-class AdaptiveTransformerBlock(nn.Module):
+class AdaptiveTransformerBlock(CheckpointedBlock):
     """Transformer block with sample-adaptive depthwise kernels: ``x + MDTA(LN(x))``, ``x + GDFN(LN(x))``.
 
     ``forward(x, attn_kernel, ffn_kernel)``: kernels ``(B, 3C, 1, 3, 3)`` and ``(B, 2*hidden, 1, 3, 3)``.
+    ``activation_checkpointing`` as for :class:`~medir_monai.networks.blocks.TransformerBlock`.
     """
 
     def __init__(
@@ -337,8 +341,10 @@ class AdaptiveTransformerBlock(nn.Module):
         bias: bool,
         layer_norm_bias: bool = True,
         window: tuple[int, int] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"AdaptiveTransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
         self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
@@ -346,7 +352,9 @@ class AdaptiveTransformerBlock(nn.Module):
         self.norm2 = ChannelLayerNorm(dim, bias=layer_norm_bias)
         self.ffn = AdaptiveGatedFeedForward(dim, ffn_expansion_factor, bias)
 
-    def forward(self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor) -> torch.Tensor:
+    def _forward(  # type: ignore[override]
+        self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_kernel)
         return x + self.ffn(self.norm2(x), ffn_kernel)
 
@@ -452,7 +460,7 @@ class TaskRepresentationEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # TAT
 # ----------------------------------------------------------------------------------------------------------
-class TAT(nn.Module):
+class TAT(ActivationCheckpointing, nn.Module):
     """Task-adaptive transformer (TAT, MICCAI 2025, Sec. 2 and Fig. 2) for 2-D images.
 
     Level ``l`` (1..4) has ``dim * 2**(l-1)`` channels; decoder level 1 and the refinement work on
@@ -481,6 +489,8 @@ class TAT(nn.Module):
         tren_res_blocks: TREN residual blocks (2).
         tren_shuffle: TREN pixel-shuffle factor (4); ``8 * dim`` must be divisible by its square.
         residual: add the input to the output (the published model does).
+        channels_last, activation_checkpointing: see :class:`~medir_monai.networks.restormer.Restormer` (the
+            TREN is not checkpointed).
     """
 
     #: height and width of the body's input must be multiples of this (2 ** number of down-samplings)
@@ -503,6 +513,8 @@ class TAT(nn.Module):
         tren_res_blocks: int = 2,
         tren_shuffle: int = 4,
         residual: bool = True,
+        channels_last: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_config(in_channels, out_channels, dim, num_blocks, heads, residual, tren_shuffle)
@@ -514,6 +526,7 @@ class TAT(nn.Module):
         self.residual = residual
         self.train_size = train_hw
         self.local_window_ratio = local_window_ratio
+        self.channels_last = channels_last
         widths = [dim * 2**level for level in range(NUM_LEVELS)]  # channels of levels 1..4
 
         def window(level: int) -> tuple[int, int] | None:
@@ -523,7 +536,13 @@ class TAT(nn.Module):
             return nn.Sequential(
                 *[
                     LocalConverterTransformerBlock(
-                        widths[level], heads[level], ffn_expansion_factor, bias, layer_norm_bias, window(level)
+                        widths[level],
+                        heads[level],
+                        ffn_expansion_factor,
+                        bias,
+                        layer_norm_bias,
+                        window(level),
+                        activation_checkpointing,
                     )
                     for _ in range(depth)
                 ]
@@ -533,7 +552,13 @@ class TAT(nn.Module):
             return _AdaptiveStage(
                 [
                     AdaptiveTransformerBlock(
-                        width, num_heads, ffn_expansion_factor, bias, layer_norm_bias, window(level)
+                        width,
+                        num_heads,
+                        ffn_expansion_factor,
+                        bias,
+                        layer_norm_bias,
+                        window(level),
+                        activation_checkpointing,
                     )
                     for _ in range(depth)
                 ]
@@ -579,7 +604,10 @@ class TAT(nn.Module):
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """The U-shaped body on a padded input; returns the output conv's result (no global residual)."""
-        enc1 = self.encoder_level1(self.patch_embed(x))
+        enc1 = self.patch_embed(x)
+        if self.channels_last:
+            enc1 = enc1.contiguous(memory_format=torch.channels_last)
+        enc1 = self.encoder_level1(enc1)
         enc2 = self.encoder_level2(self.down1_2(enc1))
         enc3 = self.encoder_level3(self.down2_3(enc2))
         lat_in = self.down3_4(enc3)
@@ -602,7 +630,7 @@ class TAT(nn.Module):
         if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != self.in_channels):
             raise ValueError(f"TAT.forward: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
         padded, size = pad_to_multiple(x, self.size_multiple)
-        out = crop_to_size(self._restore(padded), size)
+        out = crop_to_size(self._restore(padded), size).contiguous()  # NCHW out, whatever the body's layout
         return out + x if self.residual else out
 
     # -- official checkpoints ---------------------------------------------------------------------------
