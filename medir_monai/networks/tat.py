@@ -237,16 +237,18 @@ class SampleAdaptiveDepthwiseConv(nn.Module):
 def per_sample_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Depthwise "same" convolution of each sample of ``x`` (B, C, H, W) with its own ``kernel`` (B, C, 1, k, k).
 
-    Channels-last inputs run one depthwise conv per sample (oneDNN's fast path, layout kept); NCHW inputs run
-    the whole batch as one grouped convolution over ``B * C`` groups; traced graphs use shifted sums.
+    Channels-last inputs (and single samples) run one depthwise conv per sample (oneDNN's fast path, layout
+    kept); NCHW batches run as one grouped convolution over ``B * C`` groups; traced graphs use shifted sums.
     """
     b, c, h, w = x.shape
     k = kernel.shape[-1]
     if torch.jit.is_tracing():
         return _depthwise_shift_and_add(x, kernel[:, :, 0])
-    if b > 1 and c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+    if b == 1 or x.is_contiguous(memory_format=torch.channels_last):
+        # no reshape of x: a reshaped channels-last tensor gets strides that make conv2d fall back to NCHW
         per_sample = kernel.unbind(0)  # B x (C, 1, k, k)
-        return torch.cat([F.conv2d(x[i : i + 1], per_sample[i], padding=k // 2, groups=c) for i in range(b)])
+        outs = [F.conv2d(x[i : i + 1], per_sample[i], padding=k // 2, groups=c) for i in range(b)]
+        return outs[0] if b == 1 else torch.cat(outs)
     out = F.conv2d(x.reshape(1, b * c, h, w), kernel.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
     return out.reshape(b, c, h, w)
 
