@@ -46,6 +46,8 @@ __all__ = [
     "ActivationCheckpointing",
     "TransformerBlock",
     "channel_attention",
+    "gate",
+    "residual_add",
     "OverlapPatchEmbed",
     "Downsample",
     "Upsample",
@@ -98,9 +100,19 @@ NORMALIZE_EPS = 1e-12
 
 
 def _normalised_logits(q: torch.Tensor, k: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
-    """``normalize(q) @ normalize(k)^T`` as ``(q @ k^T) / (|q| |k|^T)``: the division runs on the small
-    ``(C, C)`` logits instead of the two ``(C, H*W)`` maps (same value, fewer passes over memory)."""
-    return (q @ k) / (q_norm.clamp_min(NORMALIZE_EPS).unsqueeze(-1) * k_norm.clamp_min(NORMALIZE_EPS).unsqueeze(-2))
+    """``normalize(q) @ normalize(k)^T`` as ``(q @ k^T) / (|q| |k|^T)`` (norms already floored): the division
+    runs on the small ``(C, C)`` logits instead of the two ``(C, H*W)`` maps (same value, fewer passes)."""
+    return (q @ k) / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2))
+
+
+def _column_norms(m: torch.Tensor) -> torch.Tensor:
+    """``(B, N, C) -> (B, C)``: Euclidean norm of every column, floored at :data:`NORMALIZE_EPS`.
+
+    The sum of squares runs as a GEMV with a ones vector, which is 2-3x faster than a strided column reduction
+    over a channels-last map; flooring the square before the root keeps the gradient finite at zero.
+    """
+    squares = m.new_ones(m.shape[0], 1, m.shape[1]) @ (m * m)  # (B, 1, C)
+    return squares.squeeze(1).clamp_min(NORMALIZE_EPS**2).sqrt()
 
 
 def channel_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tensor) -> torch.Tensor:
@@ -120,16 +132,18 @@ def channel_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tens
     """
     b, c3, h, w = qkv.shape
     c = c3 // 3
-    channels_last = c3 > 3 and qkv.is_contiguous(memory_format=torch.channels_last)
+    # layout branches stay out of traced graphs (their choice could differ between input sizes)
+    channels_last = c3 > 3 and not torch.jit.is_tracing() and qkv.is_contiguous(memory_format=torch.channels_last)
     if channels_last and num_heads == 1:
         # the channels-last map is a (B, H*W, 3C) matrix: two GEMMs, no copies, output channels-last
         q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3).split(c, dim=-1)
-        logits = _normalised_logits(q.transpose(1, 2), k, q.norm(dim=1), k.norm(dim=1))  # (B, C, C)
+        logits = _normalised_logits(q.transpose(1, 2), k, _column_norms(q), _column_norms(k))  # (B, C, C)
         attn = (logits * temperature.reshape(1, 1, 1)).softmax(dim=-1)
         return (v @ attn.transpose(1, 2)).view(b, h, w, c).permute(0, 3, 1, 2)
     # (B, 3C, H, W) -> 3 x (B, heads, C/heads, H*W)
     q, k, v = qkv.reshape(b, 3, num_heads, c // num_heads, h * w).unbind(dim=1)
-    logits = _normalised_logits(q, k.transpose(-2, -1), q.norm(dim=-1), k.norm(dim=-1))  # (B, heads, C/h, C/h)
+    q_norm, k_norm = (t.norm(dim=-1).clamp_min(NORMALIZE_EPS) for t in (q, k))
+    logits = _normalised_logits(q, k.transpose(-2, -1), q_norm, k_norm)  # (B, heads, C/h, C/h)
     out = ((logits * temperature).softmax(dim=-1) @ v).reshape(b, c, h, w)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -172,6 +186,21 @@ def gated_halves(
     return halves[0], halves[1]
 
 
+def gate(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """The GDFN gating ``GELU(x1) * x2``; in place on the fresh GELU output when no gradient is needed."""
+    if x1.requires_grad or x2.requires_grad or torch.jit.is_tracing():  # a trace must not depend on grad mode
+        return F.gelu(x1) * x2
+    return F.gelu(x1).mul_(x2)
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, accumulated into ``branch`` (a fresh conv output that autograd does not save) to spare
+    one full-size allocation; out of place when dtypes or shapes differ (e.g. under autocast)."""
+    if branch.dtype != x.dtype or branch.shape != x.shape:
+        return x + branch
+    return branch.add_(x)
+
+
 class GatedFeedForward(FeedForward):
     """GDFN (Restormer Eq. 2): MONAI's :class:`~monai.networks.blocks.cablock.FeedForward` (same parameters
     and maths), ``project_out(GELU(x1) * x2)`` with ``(x1, x2) = dwconv(project_in(x))`` computed by
@@ -187,7 +216,7 @@ class GatedFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = gated_halves(x, self.project_in.conv, self._depthwise)
-        return self.project_out(F.gelu(x1) * x2)
+        return self.project_out(gate(x1, x2))
 
 
 class CheckpointedBlock(nn.Module):
@@ -254,8 +283,8 @@ class TransformerBlock(CheckpointedBlock):
         self.ffn = GatedFeedForward(dim, ffn_expansion_factor, bias)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = residual_add(x, self.attn(self.norm1(x)))
+        return residual_add(x, self.ffn(self.norm2(x)))
 
 
 class OverlapPatchEmbed(nn.Module):

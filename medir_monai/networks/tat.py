@@ -43,7 +43,9 @@ from .blocks import (
     TransformerBlock,
     Upsample,
     channel_attention,
+    gate,
     gated_halves,
+    residual_add,
     crop_to_size,
     pad_to_multiple,
 )
@@ -187,8 +189,8 @@ class LocalConverterTransformerBlock(TransformerBlock):
         return attn.project_out(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x + self._attention(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = residual_add(x, self._attention(self.norm1(x)))
+        return residual_add(x, self.ffn(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class AdaptiveGatedFeedForward(nn.Module):
         x1, x2 = gated_halves(
             x, self.project_in.conv, lambda h, part: per_sample_depthwise_conv(h, kernels[:, part])
         )
-        return self.project_out(F.gelu(x1) * x2)
+        return self.project_out(gate(x1, x2))
 
 
 class AdaptiveTransformerBlock(CheckpointedBlock):
@@ -357,8 +359,8 @@ class AdaptiveTransformerBlock(CheckpointedBlock):
     def _forward(  # type: ignore[override]
         self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_kernel)
-        return x + self.ffn(self.norm2(x), ffn_kernel)
+        x = residual_add(x, self.attn(self.norm1(x), attn_kernel))
+        return residual_add(x, self.ffn(self.norm2(x), ffn_kernel))
 
 
 class _AdaptiveStage(nn.ModuleList):
