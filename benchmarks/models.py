@@ -1,18 +1,30 @@
-"""Model figures at the paper configurations: parameters, GFLOPs, CPU forward / training-step time, peak memory.
+"""Model figures at the paper configurations, optionally side by side with the authors' code.
 
 Usage::
 
-    python benchmarks/models.py                      # all models, defaults below
-    python benchmarks/models.py --models amir --train-batch 8 --repeats 3
+    python benchmarks/models.py                                  # our models: params, GFLOPs, times, memory
+    python benchmarks/models.py --reference ~/src/AMIR ~/src/TAT ~/src/Restormer
+    python benchmarks/models.py --models amir --train-batch 1 --repeats 3
 
-Each measurement runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own.
-Times are the minimum and median of ``--repeats`` runs after one warm-up; on a shared machine compare figures
-from the same run only. Forward GFLOPs are counted with ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs).
+``--reference`` takes local clones of the authors' repositories (never committed or vendored here):
+``Yaziwel/All-In-One-Medical-Image-Restoration-via-Task-Adaptive-Routing`` (``model/Model_AMIR.py``),
+``Yaziwel/TAT`` (``model/TAT.py``) and ``swz30/Restormer`` (``basicsr/models/archs/restormer_arch.py``); their code
+needs ``einops``. Each reference model is built with seed 0 and its weights are loaded into ours with
+:func:`medir_monai.networks.load_official_state_dict`, so both compute the same function (the table prints the
+largest output difference). Timings then alternate between the two models step by step in one process (the order
+flips every repeat) and report the minimum and median of ``--repeats`` runs after one warm-up; ratios are ours /
+reference. Memory is measured in a fresh process per model: the growth of the resident set over one training step
+(``ru_maxrss`` minus the resident set before it) divided by the batch size.
+
+Times are CPU times of ``torch.set_num_threads(--threads)``; on a shared machine compare figures from the same run
+only. Forward GFLOPs are counted with ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -20,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 MODELS = {
     "restormer": ("medir_monai.networks.restormer", "Restormer"),
@@ -27,13 +40,100 @@ MODELS = {
     "tat": ("medir_monai.networks.tat", "TAT"),
     "diffcode": ("medir_monai.networks.diffcode", "DiffCode"),  # stages I + II + III (the prior is frozen in III)
 }
+#: the authors' file, class and constructor arguments for a 1-channel model at the paper configuration
+REFERENCE = {
+    "restormer": ("basicsr/models/archs/restormer_arch.py", "Restormer", {"inp_channels": 1, "out_channels": 1}),
+    "amir": ("model/Model_AMIR.py", "AMIR", {}),
+    "tat": ("model/TAT.py", "TAT", {}),
+}
+#: models whose blocks support activation checkpointing
+CHECKPOINTABLE = ("restormer", "amir", "tat")
+#: weight of the AMIR balance loss in the timed training step (DESIGN.md, as in our bundles)
+BALANCE_WEIGHT = 1e-3
+LEARNING_RATE = 2e-4
+TRAIN_PATCH = 128
 
 
-def _build(name: str):
-    import importlib
-
+# ---------------------------------------------------------------------------------------------------------
+# model construction
+# ---------------------------------------------------------------------------------------------------------
+def build_ours(name: str, activation_checkpointing: bool = False):
     module, cls = MODELS[name]
-    return getattr(importlib.import_module(module), cls)()
+    kwargs = {"activation_checkpointing": True} if activation_checkpointing else {}
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def find_reference(name: str, roots: list[str]) -> Path | None:
+    """The authors' source file of ``name`` under one of ``roots``, or None."""
+    if name not in REFERENCE:
+        return None
+    relative = REFERENCE[name][0]
+    for root in roots:
+        path = Path(root).expanduser() / relative
+        if path.is_file():
+            return path
+    return None
+
+
+def build_reference(name: str, path: Path):
+    """The authors' model ``name`` from ``path`` (imported under a private module name)."""
+    spec = importlib.util.spec_from_file_location(f"_reference_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, cls, kwargs = REFERENCE[name]
+    return getattr(module, cls)(**kwargs)
+
+
+def restored(output):
+    """The image of a forward output (the authors' AMIR returns ``(image, balance_loss)``)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def training_loss(model, output, target):
+    """L1 plus the AMIR balance loss (ours keeps it on the module, the authors' model returns it)."""
+    loss = (restored(output) - target).abs().mean()
+    if isinstance(output, (tuple, list)) and len(output) > 1:
+        return loss + BALANCE_WEIGHT * output[1]
+    aux = getattr(model, "aux_loss", None)
+    return loss if aux is None else loss + BALANCE_WEIGHT * aux
+
+
+class Runner:
+    """One model with its optimiser and fixed inputs; ``step()`` is one timed unit."""
+
+    def __init__(self, model, what: str, batch: int, size: int) -> None:
+        import torch
+
+        self.model, self.what = model, what
+        self.model.train(what == "train")
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE) if what == "train" else None
+        side = TRAIN_PATCH if what == "train" else size
+        generator = torch.Generator().manual_seed(1)
+        self.x = torch.rand(batch, 1, side, side, generator=generator)
+        self.y = torch.rand(batch, 1, side, side, generator=generator)
+
+    def step(self) -> float:
+        import torch
+
+        start = time.perf_counter()
+        if self.optimizer is None:
+            with torch.no_grad():
+                self.model(self.x)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            training_loss(self.model, self.model(self.x), self.y).backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# workers (one measurement per fresh process)
+# ---------------------------------------------------------------------------------------------------------
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -42,99 +142,181 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _worker(args: argparse.Namespace) -> dict:
-    """One measurement in this process; prints a JSON line."""
+def worker_params(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.set_num_threads(args.threads)
+    model = build_ours(args.model).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 1, TRAIN_PATCH, TRAIN_PATCH))
+    return {"params": sum(p.numel() for p in model.parameters()), "gflops_128": counter.get_total_flops() / 1e9}
+
+
+def worker_time(args: argparse.Namespace) -> dict:
+    """Times ``args.what`` for ours and, with a reference, the authors' model with the same weights, alternating."""
+    import torch
+
+    from medir_monai.networks import load_official_state_dict
+
     torch.manual_seed(0)
-    model = _build(args.model)
-    result: dict = {"model": args.model, "what": args.what}
-    if args.what == "params":
-        result["params"] = sum(p.numel() for p in model.parameters())
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.rand(1, 1, 128, 128))
-        result["gflops_128"] = counter.get_total_flops() / 1e9
-    elif args.what == "forward":
-        model.eval()
-        x = torch.rand(1, 1, args.size, args.size)
-        times = []
+    models = {}
+    result: dict = {}
+    if args.reference_file:
+        models["reference"] = build_reference(args.model, Path(args.reference_file))
+    ours = build_ours(args.model, args.checkpointing)
+    if "reference" in models:
+        load_official_state_dict(ours, models["reference"].state_dict())
+        probe = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
-            for _ in range(args.repeats + 1):
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
-        result.update(times=times[1:], size=args.size)
-    elif args.what == "train":
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-        x = torch.rand(args.train_batch, 1, 128, 128)
-        y = torch.rand(args.train_batch, 1, 128, 128)
-        times = []
-        for _ in range(args.repeats + 1):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = (out - y).abs().mean()
-            aux = getattr(model, "aux_loss", None)
-            if aux is not None:
-                loss = loss + 0.001 * aux
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        result.update(times=times[1:], batch=args.train_batch)
-    result["peak_rss_mb"] = _peak_rss_mb()
-    print("RESULT " + json.dumps(result), flush=True)
+            outs = [restored(m.eval()(probe)) for m in (ours, models["reference"])]
+        result["max_abs_difference"] = float((outs[0] - outs[1]).abs().max())
+    models["ours"] = ours
+    runners = {name: Runner(model, args.what, args.batch, args.size) for name, model in models.items()}
+    for runner in runners.values():
+        runner.step()  # warm-up (allocations, oneDNN primitive caches)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for _ in range(args.repeats):
+        for name in order:
+            times[name].append(runners[name].step())
+        order.reverse()
+    result["times"] = times
     return result
 
 
-def _run(model: str, what: str, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", "--model", model, "--what", what, "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--size", str(args.size), "--train-batch", str(args.train_batch)]
+def worker_memory(args: argparse.Namespace) -> dict:
+    """Resident-set growth of one training step of one model (ours or the authors'), per patch."""
+    import torch
+
+    torch.manual_seed(0)
+    if args.impl == "reference":
+        model = build_reference(args.model, Path(args.reference_file))
+    else:
+        model = build_ours(args.model, args.checkpointing)
+    runner = Runner(model, "train", args.batch, args.size)
+    before = _current_rss_mb()
+    runner.step()
+    peak = _peak_rss_mb()
+    return {"peak_rss_mb": peak, "per_patch_mb": (peak - before) / args.batch}
+
+
+WORKERS = {"params": worker_params, "time": worker_time, "memory": worker_memory}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------
+def _run_worker(kind: str, model: str, args: argparse.Namespace, **extra) -> dict | None:
+    options = {"model": model, "threads": args.threads, "repeats": args.repeats, "size": args.size, **extra}
+    cmd = [sys.executable, __file__, "--worker", kind]
+    for key, value in options.items():
+        if value is True:
+            cmd.append(f"--{key.replace('_', '-')}")
+        elif value not in (None, False):
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    print(f"  {model}/{what} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    print(f"  {model}/{kind} {extra} failed (exit {proc.returncode}): {tail[0]}", file=sys.stderr)
     return None
+
+
+def _min_med(times: list[float] | None) -> str:
+    return f"{min(times):.2f} / {statistics.median(times):.2f}" if times else "n/a"
+
+
+def _ratio(ours: list[float] | None, ref: list[float] | None) -> str:
+    if not ours or not ref:
+        return "n/a"
+    return f"{min(ours) / min(ref):.2f} / {statistics.median(ours) / statistics.median(ref):.2f}"
+
+
+def _times(result: dict | None, impl: str) -> list[float] | None:
+    return (result or {}).get("times", {}).get(impl)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--reference", nargs="+", default=[], metavar="DIR",
+                        help="local clones of the authors' repositories (see above)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up")
     parser.add_argument("--size", type=int, default=256, help="forward slice size (square)")
-    parser.add_argument("--train-batch", type=int, default=1, help="patches per training step (paper: 8)")
-    parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train-batch", type=int, default=2, help="patches per timed training step")
+    parser.add_argument("--paper-batch", type=int, default=8,
+                        help="patches of the activation-checkpointing step (the papers' batch); 0 skips it")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--what", help=argparse.SUPPRESS)
+    parser.add_argument("--what", default="train", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-file", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
         return
 
     import torch
 
-    print(f"# benchmarks/models.py  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, repeats {args.repeats}")
-    header = (f"| model | params | GFLOPs @128 | fwd {args.size}x{args.size} min / median (s) | fwd peak RSS (MB) | "
-              f"train step {args.train_batch}x128x128 min / median (s) | train peak RSS (MB) |")
-    print(header)
-    print("|" + "---|" * 7)
+    started = time.perf_counter()
+    print(f"# benchmarks/models.py  {time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads, repeats {args.repeats} (+1 warm-up)")
+    refs = {name: find_reference(name, args.reference) for name in args.models} if args.reference else {}
     for name in args.models:
-        p = _run(name, "params", args) or {}
-        f = _run(name, "forward", args) or {}
-        t = {} if args.skip_train else (_run(name, "train", args) or {})
+        if args.reference and name in REFERENCE and refs[name] is None:
+            print(f"# no reference for {name}: {REFERENCE[name][0]} not under {args.reference}")
 
-        def fmt(r: dict) -> str:
-            return f"{min(r['times']):.2f} / {statistics.median(r['times']):.2f}" if r.get("times") else "n/a"
+    b, pb = args.train_batch, args.paper_batch
+    print(f"| model | params | GFLOPs @128 | fwd {args.size}x{args.size} (s) | train {b}x128x128 (s) | "
+          f"memory / patch (MB) | train {b}x128x128, checkpointing (s) | memory / patch, checkpointing (MB) | "
+          f"train {pb}x128x128, checkpointing (s) | its peak RSS (MB) |")
+    print("|" + "---|" * 10)
+    comparisons = []
+    for name in args.models:
+        ref_file = str(refs[name]) if refs.get(name) else None
+        params = _run_worker("params", name, args) or {}
+        fwd = _run_worker("time", name, args, what="forward", batch=1, reference_file=ref_file)
+        train = _run_worker("time", name, args, what="train", batch=b, reference_file=ref_file)
+        memory = _run_worker("memory", name, args, batch=b) or {}
+        ckpt = ckpt_mem = paper = {}
+        if name in CHECKPOINTABLE:
+            ckpt = _run_worker("time", name, args, what="train", batch=b, checkpointing=True) or {}
+            ckpt_mem = _run_worker("memory", name, args, batch=b, checkpointing=True) or {}
+            if pb > 0:
+                paper = _run_worker("time", name, args, what="train", batch=pb, checkpointing=True, repeats=1) or {}
+                paper["peak"] = (_run_worker("memory", name, args, batch=pb, checkpointing=True) or {}).get(
+                    "peak_rss_mb", float("nan"))
+        print(f"| {name} | {params.get('params', 0):,} | {params.get('gflops_128', float('nan')):.1f} | "
+              f"{_min_med(_times(fwd, 'ours'))} | {_min_med(_times(train, 'ours'))} | "
+              f"{memory.get('per_patch_mb', float('nan')):.0f} | {_min_med(_times(ckpt, 'ours'))} | "
+              f"{ckpt_mem.get('per_patch_mb', float('nan')):.0f} | {_min_med(_times(paper, 'ours'))} | "
+              f"{paper.get('peak', float('nan')):.0f} |", flush=True)
+        if ref_file:
+            ref_memory = _run_worker("memory", name, args, batch=b, impl="reference", reference_file=ref_file) or {}
+            comparisons.append((name, fwd, train, memory, ref_memory))
 
-        print(f"| {name} | {p.get('params', 'n/a'):,} | {p.get('gflops_128', float('nan')):.1f} | {fmt(f)} | "
-              f"{f.get('peak_rss_mb', float('nan')):.0f} | {fmt(t)} | {t.get('peak_rss_mb', float('nan')):.0f} |")
+    if comparisons:
+        print("\nOurs against the authors' code, same weights, alternating runs (min / median; ratio = ours / theirs)")
+        print(f"| model | max abs output difference | fwd {args.size}x{args.size} ours (s) | theirs (s) | ratio | "
+              f"train {b}x128x128 ours (s) | theirs (s) | ratio | memory / patch ours (MB) | theirs (MB) | ratio |")
+        print("|" + "---|" * 11)
+        for name, fwd, train, memory, ref_memory in comparisons:
+            ours_mem, ref_mem = memory.get("per_patch_mb"), ref_memory.get("per_patch_mb")
+            mem_ratio = f"{ours_mem / ref_mem:.2f}" if ours_mem and ref_mem else "n/a"
+            print(f"| {name} | {(fwd or {}).get('max_abs_difference', float('nan')):.1e} | "
+                  f"{_min_med(_times(fwd, 'ours'))} | {_min_med(_times(fwd, 'reference'))} | "
+                  f"{_ratio(_times(fwd, 'ours'), _times(fwd, 'reference'))} | "
+                  f"{_min_med(_times(train, 'ours'))} | {_min_med(_times(train, 'reference'))} | "
+                  f"{_ratio(_times(train, 'ours'), _times(train, 'reference'))} | "
+                  f"{ours_mem or float('nan'):.0f} | {ref_mem or float('nan'):.0f} | {mem_ratio} |")
+    print(f"# total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

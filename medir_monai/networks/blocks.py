@@ -187,10 +187,11 @@ def gated_halves(
 
 
 def gate(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """The GDFN gating ``GELU(x1) * x2``; in place on the fresh GELU output when no gradient is needed."""
+    """The GDFN gating ``GELU(x1) * x2``; when no gradient is needed, computed in place in ``x1`` (a fresh conv
+    output): at 256x256 every avoided full-size allocation saves its page faults (about 15 ms on CPU)."""
     if x1.requires_grad or x2.requires_grad or torch.jit.is_tracing():  # a trace must not depend on grad mode
         return F.gelu(x1) * x2
-    return F.gelu(x1).mul_(x2)
+    return torch.ops.aten.gelu_(x1).mul_(x2)
 
 
 def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

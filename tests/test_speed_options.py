@@ -1,0 +1,188 @@
+"""The speed and memory options compute the same function: channels-last layout, split GDFN halves, the attention
+fast paths, per-sample depthwise convs, activation checkpointing, the MoE dispatch choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks.cablock import FeedForward
+
+from medir_monai.networks.amir import AMIR, SpatialMoE
+from medir_monai.networks.blocks import GatedFeedForward, channel_attention
+from medir_monai.networks.restormer import Restormer
+from medir_monai.networks.tat import TAT, _depthwise_shift_and_add, per_sample_depthwise_conv
+
+TOL = 1e-5
+TINY = dict(dim=8, num_blocks=(1, 1, 1, 2), num_refinement_blocks=1)
+MODELS = {"restormer": Restormer, "amir": AMIR, "tat": lambda **kw: TAT(train_size=32, **kw)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive_channel_attention(qkv: torch.Tensor, heads: int, temperature: torch.Tensor) -> torch.Tensor:
+    """Restormer Eq. 1 written the textbook way (F.normalize on q and k, per-head softmax)."""
+    b, c3, h, w = qkv.shape
+    q, k, v = (t.reshape(b, heads, c3 // 3 // heads, h * w) for t in qkv.chunk(3, dim=1))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    attn = ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1)
+    return (attn @ v).reshape(b, c3 // 3, h, w)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_attention_matches_the_formula_in_both_layouts(heads, channels_last):
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 3 * 12, 9, 7)
+    temperature = torch.rand(heads, 1, 1) + 0.5
+    expected = naive_channel_attention(qkv, heads, temperature)
+    if channels_last:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    out = channel_attention(qkv.requires_grad_(), heads, temperature)
+    assert (out - expected).abs().max() <= TOL
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out.sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+
+
+def test_channel_attention_gradient_is_finite_for_an_all_zero_channel():
+    """The norms are floored before the square root: a dead channel (e.g. a blank image) must not give NaN."""
+    qkv = torch.randn(1, 3 * 4, 6, 6)
+    qkv[:, 0] = 0.0  # an all-zero query channel
+    qkv[:, 4] = 0.0  # an all-zero key channel
+    qkv = qkv.contiguous(memory_format=torch.channels_last).requires_grad_()
+    channel_attention(qkv, 1, torch.ones(1, 1, 1)).square().sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gated_feed_forward_equals_monai_feed_forward(channels_last):
+    torch.manual_seed(0)
+    ours = GatedFeedForward(10, 2.66, bias=True)
+    x = torch.randn(2, 10, 8, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ours, x_monai = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ours(x_ours)
+    expected = FeedForward.forward(ours, x_monai)  # MONAI's chunked forward, same parameters
+    assert (out - expected).abs().max() <= TOL
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    expected.square().sum().backward()
+    for got, want in zip(grads, (p.grad for p in ours.parameters())):
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert (x_ours.grad - x_monai.grad).abs().max() <= 1e-4
+
+
+def test_gated_feed_forward_no_grad_is_in_place_safe():
+    """The in-place gating (no grad) must give the same values and leave the input untouched."""
+    torch.manual_seed(0)
+    ffn = GatedFeedForward(6, 2.0, bias=False)
+    x = torch.randn(1, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    keep = x.clone()
+    with torch.no_grad():
+        out = ffn(x)
+    assert torch.equal(x, keep)
+    assert (out - FeedForward.forward(ffn, x)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_per_sample_depthwise_conv_paths_agree(batch):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 5, 9, 8)
+    kernel = torch.randn(batch, 5, 1, 3, 3)
+    reference = _depthwise_shift_and_add(x, kernel[:, :, 0])
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = per_sample_depthwise_conv(x.contiguous(memory_format=layout), kernel)
+        assert (out - reference).abs().max() <= TOL
+    # each sample really uses its own kernel
+    if batch > 1:
+        swapped = per_sample_depthwise_conv(x, kernel.flip(0))
+        assert (swapped - reference).abs().max() > 1e-2
+
+
+def _train_forward(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor):
+    torch.manual_seed(123)  # AMIR's gating noise
+    out = model(x)
+    loss = (out - target).abs().mean()
+    if isinstance(model, AMIR):
+        loss = loss + 1e-3 * model.aux_loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_layout_and_checkpointing_options_do_not_change_the_model(name):
+    """Same weights: channels-last on/off and activation checkpointing on/off give the same outputs and
+    gradients in a training step (including AMIR's noisy gating, whose RNG state checkpointing restores)."""
+    torch.manual_seed(0)
+    base = MODELS[name](**TINY, channels_last=False).train()
+    x, target = torch.rand(2, 1, 32, 24), torch.rand(2, 1, 32, 24)
+    ref_out, ref_grads = _train_forward(base, x, target)
+    for options in ({"channels_last": True}, {"channels_last": True, "activation_checkpointing": True}):
+        variant = MODELS[name](**TINY, **options).train()
+        variant.load_state_dict(base.state_dict())
+        assert variant.activation_checkpointing == options.get("activation_checkpointing", False)
+        out, grads = _train_forward(variant, x, target)
+        assert (out - ref_out).abs().max() <= TOL, options
+        assert grads.keys() == ref_grads.keys()
+        for key, grad in grads.items():
+            want = ref_grads[key]
+            assert (grad - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())), (options, key)
+        assert out.is_contiguous()  # NCHW out whatever the body's layout
+
+
+def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the activations the forward keeps for the backward (tensors that are views of parameters are
+    free and not counted)."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        if t.untyped_storage().data_ptr() not in parameter_storages:
+            saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)  # what the forward keeps for the backward pass
+    out.mean().backward()  # (recomputations in here are transient)
+    return saved
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_activation_checkpointing_saves_far_fewer_activations(name):
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY).train()
+    x = torch.rand(1, 1, 32, 32)
+    plain = _saved_activation_bytes(model, x)
+    model.activation_checkpointing = True
+    checkpointed = _saved_activation_bytes(model, x)
+    assert checkpointed < 0.5 * plain
+    model.activation_checkpointing = False
+    assert not model.activation_checkpointing and _saved_activation_bytes(model, x) == plain
+
+
+def test_activation_checkpointing_is_off_in_evaluation():
+    torch.manual_seed(0)
+    model = Restormer(**TINY, activation_checkpointing=True).eval()
+    x = torch.rand(1, 1, 16, 16, requires_grad=True)
+    assert _saved_activation_bytes(model, x) > 0  # a plain graph, no recomputation wrappers
+
+
+def test_moe_auto_dispatch_is_sparse_on_cpu_and_dense_on_accelerators():
+    moe = SpatialMoE(6)
+    assert moe.dispatch == "auto"
+    assert not moe._use_dense(torch.device("cpu"))
+    assert moe._use_dense(torch.device("cuda"))
+    assert SpatialMoE(6, dispatch="dense")._use_dense(torch.device("cpu"))
+    with pytest.raises(ValueError, match="dispatch"):
+        SpatialMoE(6, dispatch="fast")
