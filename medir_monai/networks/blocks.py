@@ -88,9 +88,12 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
-            # channels to the last axis, fused layer norm, back: (B,C,H,W) -> (B,H,W,C) -> (B,C,H,W)
-            y = F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), self.weight, self.bias, self.eps)
-            return y.permute(0, 3, 1, 2)
+            # channels to the last axis, fused layer norm, back: (B,C,H,W) -> (B,H,W,C) -> (B,C,H,W); free for a
+            # channels-last x, and the result keeps x's layout
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+            if self.dim > 1 and not torch.jit.is_tracing() and not x.is_contiguous(memory_format=torch.channels_last):
+                y = y.contiguous()
+            return y
         var = x.var(dim=1, keepdim=True, unbiased=False)
         return x / torch.sqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
 

@@ -129,8 +129,8 @@ class Restormer(ActivationCheckpointing, nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Shallow features of the padded input, in the body's memory format."""
-        feat = self.patch_embed(x)
-        return feat.contiguous(memory_format=torch.channels_last) if self.channels_last else feat
+        feat = self.patch_embed(x)  # its layout would follow the 1-channel input's ambiguous strides
+        return feat.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def _restore(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
         """The U-shaped body on a padded input; returns the output conv's result (no global residual)."""

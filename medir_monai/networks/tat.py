@@ -608,10 +608,8 @@ class TAT(ActivationCheckpointing, nn.Module):
 
     def _restore(self, x: torch.Tensor) -> torch.Tensor:
         """The U-shaped body on a padded input; returns the output conv's result (no global residual)."""
-        enc1 = self.patch_embed(x)
-        if self.channels_last:
-            enc1 = enc1.contiguous(memory_format=torch.channels_last)
-        enc1 = self.encoder_level1(enc1)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        enc1 = self.encoder_level1(self.patch_embed(x).contiguous(memory_format=layout))
         enc2 = self.encoder_level2(self.down1_2(enc1))
         enc3 = self.encoder_level3(self.down2_3(enc2))
         lat_in = self.down3_4(enc3)
