@@ -11,7 +11,8 @@ after one warm-up, same weights), and the largest output difference is printed:
 * ``layout``: ``channels_last`` (network argument, default on) against NCHW features;
 * ``checkpointing``: ``activation_checkpointing`` (network argument, default off), training step and the
   activations the forward keeps for the backward;
-* ``compile``: ``torch.compile`` (the trainer's ``compile`` flag), with its compilation time;
+* ``compile``: ``torch.compile(dynamic=False)`` (the trainer's ``compile`` flag with the bundles'
+  ``compile_kwargs``), with its compilation time;
 * ``bf16``: ``torch.autocast`` in bfloat16 (the trainer's ``amp`` flag with ``amp_dtype``; MONAI autocasts on CUDA
   only, this measures what the same precision does on the CPU);
 * ``sliding``: MONAI ``SlidingWindowInferer`` on a 512x512 slice with the training patch as window:
@@ -108,7 +109,8 @@ def worker_compile(args: argparse.Namespace) -> dict:
         compiled_model = model_bench.build_ours(args.model)
         compiled_model.load_state_dict(eager.state_dict())
         runners = {"default": model_bench.Runner(eager, what, args.batch, args.size),
-                   "option": model_bench.Runner(torch.compile(compiled_model), what, args.batch, args.size)}
+                   "option": model_bench.Runner(torch.compile(compiled_model, dynamic=False), what, args.batch,
+                                                args.size)}
         start = time.perf_counter()
         runners["option"].step()  # compilation happens here
         compile_s = time.perf_counter() - start
@@ -116,7 +118,7 @@ def worker_compile(args: argparse.Namespace) -> dict:
             probe = runners["default"].x[:1]
             eager.eval()
             compiled_model.eval()
-            diff = float((eager(probe) - torch.compile(compiled_model)(probe)).abs().max()) if what == "forward" else None
+            diff = float((eager(probe) - runners["option"].model(probe)).abs().max()) if what == "forward" else None
             eager.train(what == "train")
             compiled_model.train(what == "train")
         out[what] = {"times": _alternate({k: r.step for k, r in runners.items()}, args.repeats),

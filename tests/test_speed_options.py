@@ -186,3 +186,29 @@ def test_moe_auto_dispatch_is_sparse_on_cpu_and_dense_on_accelerators():
     assert SpatialMoE(6, dispatch="dense")._use_dense(torch.device("cpu"))
     with pytest.raises(ValueError, match="dispatch"):
         SpatialMoE(6, dispatch="fast")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("training", [False, True])
+def test_every_convolution_sees_channels_last_features(name, training, monkeypatch):
+    """A single op that returns NCHW silently turns the rest of the network NCHW (several times slower on CPU):
+    every multi-channel conv input must stay channels-last, including TAT's local converter (input larger
+    than its window) and the per-sample depthwise convs."""
+    layouts: list[tuple[tuple[int, ...], bool]] = []
+    conv2d = F.conv2d
+
+    def recording_conv2d(x, weight, *args, **kwargs):
+        if x.shape[1] > 1 and x.shape[-1] * x.shape[-2] > 1 and x.shape[0] * x.shape[1] > 1:
+            layouts.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+        return conv2d(x, weight, *args, **kwargs)
+
+    torch.manual_seed(0)
+    kwargs = dict(TINY, train_size=16) if name == "tat" else TINY
+    model = (TAT if name == "tat" else MODELS[name])(**kwargs).train(training)
+    monkeypatch.setattr(F, "conv2d", recording_conv2d)
+    x = torch.rand(2, 1, 40, 48)
+    with torch.set_grad_enabled(training):
+        model(x)
+    # AMIR's instruction network reads the 1-channel image itself (NCHW, tiny): skip its convs
+    body = [ok for shape, ok in layouts if not (name == "amir" and shape[1] == model.dict_generator.cond_net[0].out_channels)]
+    assert body and all(body), [shape for shape, ok in layouts if not ok]

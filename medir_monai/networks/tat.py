@@ -138,7 +138,9 @@ def local_converter(
     windows = torch.cat([qkv[:, :, i : i + win_h, j : j + win_w] for i, j in corners], dim=0)
     outs = attend(windows)
     outs = outs.reshape(len(corners), b, *outs.shape[1:])
-    total = qkv.new_zeros((b, outs.shape[2], h, w))
+    channels_last = not torch.jit.is_tracing() and qkv.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    total = torch.empty((b, outs.shape[2], h, w), dtype=qkv.dtype, device=qkv.device, memory_format=layout).zero_()
     count = qkv.new_zeros((1, 1, h, w))
     for n, (i, j) in enumerate(corners):
         total[:, :, i : i + win_h, j : j + win_w] += outs[n]

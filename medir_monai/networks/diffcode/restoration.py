@@ -342,6 +342,8 @@ class RoutedNAFNet(nn.Module):
             return feat
 
         feat = self.intro(x)
+        if not torch.jit.is_tracing():  # channels-last features: oneDNN's fast convolutions on CPU
+            feat = feat.contiguous(memory_format=torch.channels_last)
         skips = []
         for i in range(3):
             feat = self.encoders[i](route(f"encoder{i + 1}", feat))
