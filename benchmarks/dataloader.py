@@ -9,6 +9,10 @@ The bundle's ``train#dataset`` is built (degradations and reads are cached once:
 random crops stay random per draw), then ``--batches`` batches are drawn from ``train#dataloader`` and the
 bundle's paper-size network takes ``--steps`` Adam steps on them. Printed: cache fill time, loader seconds per
 batch, step seconds, and the loader's share of a step (the target is under 10 %).
+
+``--simulate N`` replaces the stored LQ/HQ pairs by a JSON datalist of the first ``N`` HQ-only training slices of
+each task, so every LQ is simulated (k-space truncation, CT projection + Poisson noise + FBP, PET counts + OSEM):
+the simulation happens once while the cache fills, the draws stay as cheap as with stored pairs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def write_hq_only_datalist(dataset_dir: str, per_task: int) -> str:
+    """A temporary JSON datalist with the first ``per_task`` HQ training slices of each task and no LQ."""
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    from medir_monai.data import scan_authors_layout
+
+    chosen: dict[str, list[dict]] = defaultdict(list)
+    for item in scan_authors_layout(dataset_dir, "train"):
+        if len(chosen[item["task"]]) < per_task:
+            chosen[item["task"]].append({"hq": str(item["hq"]), "task": item["task"]})
+    path = Path(tempfile.mkdtemp(prefix="medir_bench_")) / "hq_only.json"
+    path.write_text(json.dumps({"training": [it for items in chosen.values() for it in items]}))
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "bundles" / "amir" / "configs" / "train.json"))
@@ -31,6 +52,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--batches", type=int, default=30, help="batches drawn to time the loader")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument("--simulate", type=int, default=0, metavar="N",
+                        help="use N HQ-only slices per task (LQ simulated into the cache) instead of stored pairs")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
 
@@ -50,6 +73,9 @@ def main() -> None:
     config["val_interval"] = max(args.batches, args.steps + 1)
     config["cache_dir"] = os.path.join(os.path.expanduser("~"), ".cache", "medir_monai", "bench_cache")
     dataset_dir = medir_monai.data.prepare_dataset_dir(config.get_parsed_content("dataset_dir"))
+    if args.simulate:
+        dataset_dir = write_hq_only_datalist(dataset_dir, args.simulate)
+        config["cache"] = "memory"
     config["dataset_dir"] = dataset_dir
 
     print(f"# benchmarks/dataloader.py  {time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} cores, "
