@@ -212,3 +212,23 @@ def test_every_convolution_sees_channels_last_features(name, training, monkeypat
     # AMIR's instruction network reads the 1-channel image itself (NCHW, tiny): skip its convs
     body = [ok for shape, ok in layouts if not (name == "amir" and shape[1] == model.dict_generator.cond_net[0].out_channels)]
     assert body and all(body), [shape for shape, ok in layouts if not ok]
+
+
+@pytest.mark.parametrize("bundle", ["restormer", "amir", "tat"])
+def test_bundle_switches_reach_the_network_and_trainer(bundle):
+    from monai.bundle import ConfigParser
+
+    from conftest import REPO_ROOT
+
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    assert parser["channels_last"] is True and parser["activation_checkpointing"] is False  # the defaults
+    parser["activation_checkpointing"] = True
+    parser["channels_last"] = False
+    network = parser.get_parsed_content("network_def")
+    assert network.activation_checkpointing and not network.channels_last
+    trainer = parser["train"]["trainer"]
+    assert trainer["compile"] == "@compile" and trainer["compile_kwargs"] == {"dynamic": False}
+    assert trainer["amp_kwargs"] == {"dtype": "@amp_dtype"}
+    assert parser.get_parsed_content("amp_dtype") is torch.bfloat16
