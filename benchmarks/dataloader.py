@@ -113,8 +113,8 @@ def main() -> None:
     step_times = step_times[1:]
 
     loader_med, step_med = statistics.median(loader_times), statistics.median(step_times)
-    print(f"| dataset items | cache fill (s, once) | batch shape | loader per batch min / median (s) | "
-          f"training step min / median (s) | loader / step |")
+    print("| dataset items | cache fill (s, once) | batch shape | loader per batch min / median (s) | "
+          "training step min / median (s) | loader / step |")
     print("|---|---|---|---|---|---|")
     print(f"| {len(dataset)} | {fill_s:.1f} | {tuple(first_lq.shape)} | {min(loader_times):.4f} / {loader_med:.4f} | "
           f"{min(step_times):.2f} / {step_med:.2f} | {100 * loader_med / step_med:.2f} % |")

@@ -46,6 +46,7 @@ __all__ = [
     "ActivationCheckpointing",
     "TransformerBlock",
     "channel_attention",
+    "gated_halves",
     "gate",
     "residual_add",
     "OverlapPatchEmbed",
@@ -89,7 +90,7 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             # channels to the last axis, fused layer norm, back: (B,C,H,W) -> (B,H,W,C) -> (B,C,H,W); free for a
-            # channels-last x, and the result keeps x's layout
+            # channels-last x, and (outside traces) the result keeps x's layout
             y = F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
             if self.dim > 1 and not torch.jit.is_tracing() and not x.is_contiguous(memory_format=torch.channels_last):
                 y = y.contiguous()
@@ -102,18 +103,27 @@ class ChannelLayerNorm(nn.Module):
 NORMALIZE_EPS = 1e-12
 
 
-def _normalised_logits(q: torch.Tensor, k: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
-    """``normalize(q) @ normalize(k)^T`` as ``(q @ k^T) / (|q| |k|^T)`` (norms already floored): the division
-    runs on the small ``(C, C)`` logits instead of the two ``(C, H*W)`` maps (same value, fewer passes)."""
-    return (q @ k) / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2))
+def _normalised_logits(q: torch.Tensor, k_t: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
+    """``normalize(q) @ normalize(k)^T`` as ``(q @ k^T) / (|q| |k|^T)``, given ``k_t = k^T`` and the floored norms:
+    the division runs on the small ``(C, C)`` logits instead of the two ``(C, H*W)`` maps (same value).
+
+    The un-normalised product sums over all pixels, so it runs in float32 whatever the autocast dtype (in float16
+    it would overflow at 128x128 and above); the logits are small, the cost is two casts of q and k."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(q.device.type, enabled=False):
+            return _normalised_logits(q.float(), k_t.float(), q_norm.float(), k_norm.float())
+    return (q @ k_t) / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2))
 
 
 def _column_norms(m: torch.Tensor) -> torch.Tensor:
-    """``(B, N, C) -> (B, C)``: Euclidean norm of every column, floored at :data:`NORMALIZE_EPS`.
+    """``(B, N, C) -> (B, C)``: Euclidean norm of every column (in float32), floored at :data:`NORMALIZE_EPS`.
 
     The sum of squares runs as a GEMV with a ones vector, which is 2-3x faster than a strided column reduction
     over a channels-last map; flooring the square before the root keeps the gradient finite at zero.
     """
+    if m.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(m.device.type, enabled=False):
+            return _column_norms(m.float())
     squares = m.new_ones(m.shape[0], 1, m.shape[1]) @ (m * m)  # (B, 1, C)
     return squares.squeeze(1).clamp_min(NORMALIZE_EPS**2).sqrt()
 
@@ -141,13 +151,13 @@ def channel_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tens
         # the channels-last map is a (B, H*W, 3C) matrix: two GEMMs, no copies, output channels-last
         q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3).split(c, dim=-1)
         logits = _normalised_logits(q.transpose(1, 2), k, _column_norms(q), _column_norms(k))  # (B, C, C)
-        attn = (logits * temperature.reshape(1, 1, 1)).softmax(dim=-1)
+        attn = (logits * temperature.reshape(1, 1, 1)).softmax(dim=-1).to(v.dtype)
         return (v @ attn.transpose(1, 2)).view(b, h, w, c).permute(0, 3, 1, 2)
     # (B, 3C, H, W) -> 3 x (B, heads, C/heads, H*W)
     q, k, v = qkv.reshape(b, 3, num_heads, c // num_heads, h * w).unbind(dim=1)
-    q_norm, k_norm = (t.norm(dim=-1).clamp_min(NORMALIZE_EPS) for t in (q, k))
+    q_norm, k_norm = (t.float().norm(dim=-1).clamp_min(NORMALIZE_EPS) for t in (q, k))
     logits = _normalised_logits(q, k.transpose(-2, -1), q_norm, k_norm)  # (B, heads, C/h, C/h)
-    out = ((logits * temperature).softmax(dim=-1) @ v).reshape(b, c, h, w)
+    out = ((logits * temperature).softmax(dim=-1).to(v.dtype) @ v).reshape(b, c, h, w)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 

@@ -201,8 +201,8 @@ class LocalConverterTransformerBlock(TransformerBlock):
 class SampleAdaptiveDepthwiseConv(nn.Module):
     """Depthwise ``k x k`` conv with one kernel per sample: ``W_b = W_shared + lambda * W_generated(b)``.
 
-    TAT Sec. 2.2. All samples run as ONE grouped convolution over ``B * C`` groups. No bias (as in the
-    authors' code).
+    TAT Sec. 2.2. The convolution itself is :func:`per_sample_depthwise_conv`. No bias (as in the authors'
+    code).
 
     Args:
         channels: C.
