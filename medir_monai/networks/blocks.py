@@ -240,7 +240,9 @@ class CheckpointedBlock(nn.Module):
     state is restored for the recomputation, so the result and gradients are those of a plain forward.
     """
 
-    activation_checkpointing: bool = False
+    def __init__(self, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.activation_checkpointing = activation_checkpointing
 
     def _forward(self, *args: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -287,10 +289,9 @@ class TransformerBlock(CheckpointedBlock):
         layer_norm_bias: bool = True,
         activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(activation_checkpointing)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"TransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
-        self.activation_checkpointing = activation_checkpointing
         self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
         self.attn = ChannelAttention(dim, num_heads, bias)
         self.norm2 = ChannelLayerNorm(dim, bias=layer_norm_bias)

@@ -349,8 +349,7 @@ class AdaptiveTransformerBlock(CheckpointedBlock):
         window: tuple[int, int] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        self.activation_checkpointing = activation_checkpointing
+        super().__init__(activation_checkpointing)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"AdaptiveTransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
         self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
