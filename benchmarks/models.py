@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MODELS = {
@@ -117,10 +118,9 @@ class Runner:
         self.x = torch.rand(batch, 1, side, side, generator=generator)
         self.y = torch.rand(batch, 1, side, side, generator=generator)
 
-    def step(self) -> float:
+    def step(self) -> None:
         import torch
 
-        start = time.perf_counter()
         if self.optimizer is None:
             with torch.no_grad():
                 self.model(self.x)
@@ -128,7 +128,22 @@ class Runner:
             self.optimizer.zero_grad(set_to_none=True)
             training_loss(self.model, self.model(self.x), self.y).backward()
             self.optimizer.step()
-        return time.perf_counter() - start
+
+
+def alternate(steps: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Time the callables alternately ``repeats`` times (the order flips every round), after one warm-up each."""
+    if warmup:
+        for step in steps.values():
+            step()  # allocations, oneDNN primitive caches
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(repeats):
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+        order.reverse()
+    return times
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,17 +189,8 @@ def worker_time(args: argparse.Namespace) -> dict:
             outs = [restored(m.eval()(probe)) for m in (ours, models["reference"])]
         result["max_abs_difference"] = float((outs[0] - outs[1]).abs().max())
     models["ours"] = ours
-    runners = {name: Runner(model, args.what, args.batch, args.size) for name, model in models.items()}
-    if not args.no_warmup:
-        for runner in runners.values():
-            runner.step()  # warm-up (allocations, oneDNN primitive caches)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    order = list(runners)
-    for _ in range(args.repeats):
-        for name in order:
-            times[name].append(runners[name].step())
-        order.reverse()
-    result["times"] = times
+    steps = {name: Runner(model, args.what, args.batch, args.size).step for name, model in models.items()}
+    result["times"] = alternate(steps, args.repeats, warmup=not args.no_warmup)
     result["peak_rss_mb"] = _peak_rss_mb()  # of all models of this process
     return result
 
@@ -211,9 +217,9 @@ WORKERS = {"params": worker_params, "time": worker_time, "memory": worker_memory
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
-def _run_worker(kind: str, model: str, args: argparse.Namespace, **extra) -> dict | None:
-    options = {"model": model, "threads": args.threads, "repeats": args.repeats, "size": args.size, **extra}
-    cmd = [sys.executable, __file__, "--worker", kind]
+def run_worker_script(script: str, kind: str, options: dict, label: str) -> dict | None:
+    """Run ``script --worker kind`` with ``options`` as flags in a fresh process; its ``RESULT`` JSON, or None."""
+    cmd = [sys.executable, script, "--worker", kind]
     for key, value in options.items():
         if value is True:
             cmd.append(f"--{key.replace('_', '-')}")
@@ -224,8 +230,21 @@ def _run_worker(kind: str, model: str, args: argparse.Namespace, **extra) -> dic
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    print(f"  {model}/{kind} {extra} failed (exit {proc.returncode}): {tail[0]}", file=sys.stderr)
+    print(f"  {label} failed (exit {proc.returncode}): {tail[0]}", file=sys.stderr)
     return None
+
+
+def run_worker_here(args: argparse.Namespace, workers: dict) -> None:
+    """Worker side of :func:`run_worker_script`: set the threads, run ``workers[args.worker]``, print its JSON."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps(workers[args.worker](args)), flush=True)
+
+
+def _run_worker(kind: str, model: str, args: argparse.Namespace, **extra) -> dict | None:
+    options = {"model": model, "threads": args.threads, "repeats": args.repeats, "size": args.size, **extra}
+    return run_worker_script(__file__, kind, options, f"{model}/{kind} {extra}")
 
 
 def _min_med(times: list[float] | None) -> str:
@@ -263,10 +282,7 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        run_worker_here(args, WORKERS)
         return
 
     import torch

@@ -22,33 +22,15 @@ after one warm-up, same weights), and the largest output difference is printed:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import models as model_bench  # benchmarks/models.py
 
 OPTIONS = ("layout", "checkpointing", "compile", "bf16", "sliding")
 SLIDING_CONFIGS = ((1, None), (4, None), (8, None), (8, 1))  # (sw_batch_size, buffer_steps)
-
-
-def _alternate(steps: dict, repeats: int) -> dict[str, list[float]]:
-    """Warm each callable up once, then time them alternately ``repeats`` times (order flips every round)."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for _ in range(repeats):
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-        order.reverse()
-    return times
 
 
 def _pair(name: str, repeats: int, size: int, batch: int, what: str, **variant_kwargs) -> dict:
@@ -66,7 +48,7 @@ def _pair(name: str, repeats: int, size: int, batch: int, what: str, **variant_k
         diff = float((base.eval()(probe) - variant.eval()(probe)).abs().max())
     for runner in runners.values():
         runner.model.train(what == "train")
-    times = _alternate({k: r.step for k, r in runners.items()}, repeats)
+    times = model_bench.alternate({k: r.step for k, r in runners.items()}, repeats)
     return {"times": times, "max_abs_difference": diff}
 
 
@@ -121,7 +103,7 @@ def worker_compile(args: argparse.Namespace) -> dict:
             diff = float((eager(probe) - runners["option"].model(probe)).abs().max()) if what == "forward" else None
             eager.train(what == "train")
             compiled_model.train(what == "train")
-        out[what] = {"times": _alternate({k: r.step for k, r in runners.items()}, args.repeats),
+        out[what] = {"times": model_bench.alternate({k: r.step for k, r in runners.items()}, args.repeats),
                      "compile_s": compile_s, "max_abs_difference": diff}
     return out
 
@@ -142,7 +124,7 @@ def worker_bf16(args: argparse.Namespace) -> dict:
             return model(x)
 
     diff = float((fp32() - bf16().float()).abs().max())
-    return {"forward": {"times": _alternate({"default": fp32, "option": bf16}, args.repeats),
+    return {"forward": {"times": model_bench.alternate({"default": fp32, "option": bf16}, args.repeats),
                         "max_abs_difference": diff}}
 
 
@@ -162,7 +144,7 @@ def worker_sliding(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             return inferer(x, model)
 
-    times = _alternate({"option": run}, args.repeats)
+    times = model_bench.alternate({"option": run}, args.repeats)
     return {"times": times, "rss_growth_mb": model_bench._peak_rss_mb() - before}
 
 
@@ -171,17 +153,9 @@ WORKERS = {"layout": worker_layout, "checkpointing": worker_checkpointing, "comp
 
 
 def _run(kind: str, args: argparse.Namespace, **extra) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--size", str(args.size), "--batch", str(args.batch)]
-    for key, value in extra.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    print(f"  {kind} {extra} failed (exit {proc.returncode}): {tail[0]}", file=sys.stderr)
-    return None
+    options = {"model": args.model, "threads": args.threads, "repeats": args.repeats, "size": args.size,
+               "batch": args.batch, **extra}
+    return model_bench.run_worker_script(__file__, kind, options, f"{kind} {extra}")
 
 
 def _row(label: str, what: str, result: dict | None, note: str = "") -> None:
@@ -209,10 +183,7 @@ def main() -> None:
     parser.add_argument("--buffer-steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        model_bench.run_worker_here(args, WORKERS)
         return
 
     import torch
