@@ -38,3 +38,12 @@ def official_backbone_kwargs(cfg: dict) -> dict:
         bias=cfg["bias"],
         layer_norm_bias=cfg["LayerNorm_type"] == "WithBias",
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

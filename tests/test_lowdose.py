@@ -25,12 +25,7 @@ from medir_monai.transforms import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disk(size: int, radius: float, inside: float, outside: float, supersample: int = 4) -> np.ndarray:

@@ -18,12 +18,7 @@ TINY = dict(dim=8, num_blocks=(1, 1, 1, 2), num_refinement_blocks=1)
 MODELS = {"restormer": Restormer, "amir": AMIR, "tat": lambda **kw: TAT(train_size=32, **kw)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_channel_attention(qkv: torch.Tensor, heads: int, temperature: torch.Tensor) -> torch.Tensor:
