@@ -40,7 +40,7 @@ def _run_demo_data(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else default_demo_dir()
     path = ensure_demo_dataset(
-        out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet, tasks=args.tasks
+        out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet, tasks=args.tasks, extended=args.extended
     )
     print(path)
     return 0
@@ -54,8 +54,9 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         help="build the embedded demo dataset (real scans from installed wheels; no download)",
         description=(
             "Build the embedded demo dataset in the authors' layout <out>/<MRI|CT|PET>/<train|validation|test>/"
-            "<LQ|HQ>/ from scans shipped inside installed Python wheels (MNI152 T1 and tissue maps from nilearn, "
-            "real CT slices from pydicom / pydicom-data); PET is simulated. Nothing is downloaded. The build is "
+            "<LQ|HQ>/ from scans shipped inside installed Python wheels (real MR of nilearn, dipy, nibabel, pydicom and "
+            "pydicom-data; real CT slices of pydicom / pydicom-data), each source in one split; PET is simulated. "
+            "Nothing is downloaded. The build is "
             "skipped when a complete one exists. Provenance: <out>/SOURCES.md."
         ),
     )
@@ -65,7 +66,7 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         "--max-slices",
         type=int,
         default=None,
-        help="at most this many slices per task and split (small builds for tests)",
+        help="at most this many slices per source (small builds for tests)",
     )
     p.add_argument(
         "--tasks",
@@ -73,6 +74,12 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEMO_TASKS),
         metavar="TASK",
         help=f"tasks to build (default: {' '.join(DEMO_TASKS)}; ct_denoise is the slow one)",
+    )
+    p.add_argument(
+        "--extended",
+        action="store_true",
+        help="also the training sources of Debian packages (mricron-data, insighttoolkit5-examples): the corpus for "
+        "training shipped weights; a missing package is named",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_run_demo_data)

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from medir_monai.data.io import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, DataError, check_image
 from medir_monai.tasks import Task, get_task, task_from_modality, task_names
+from medir_monai.transforms import ScaleToReference
 
 __all__ = [
     "AmbiguousTaskError",
@@ -173,6 +174,7 @@ def restore_array(
     progress: bool = True,
     axis: int = -1,
     clip: bool = True,
+    intensity_reference: Mapping[str, Mapping] | None = None,
     **inferer_kwargs: Any,
 ) -> torch.Tensor | np.ndarray:
     """Restore a 2-D slice or a 3-D volume given in physical units, slice by slice.
@@ -198,6 +200,10 @@ def restore_array(
         progress: show a tqdm bar over slices.
         axis: the acquisition (slice) axis of a 3-D input; ignored for 2-D input.
         clip: clip the network output to ``[0, 1]`` (the trained range) before de-normalising.
+        intensity_reference: per task name, :class:`~medir_monai.transforms.ScaleToReference` arguments: each
+            slice of that task is scaled so its robust percentile meets the reference before normalisation,
+            and the restored slice is scaled back (the per-scan normalisation the model was trained with; the
+            bundle configs' ``intensity_reference``).
         inferer_kwargs: further :class:`~monai.inferers.SlidingWindowInferer` arguments (``sigma_scale``,
             ``padding_mode``, ``cval``, ``buffer_steps``, ...).
 
@@ -233,6 +239,8 @@ def restore_array(
         **inferer_kwargs,
     )
     call = _image_only(network)
+    reference = (intensity_reference or {}).get(task.name)
+    scaler = ScaleToReference(**reference) if reference else None
     out = torch.empty_like(planes)
     was_training = network.training if isinstance(network, torch.nn.Module) else None
     if was_training is not None:
@@ -241,11 +249,12 @@ def restore_array(
         with torch.no_grad():
             bar = tqdm(range(planes.shape[0]), desc=f"restore {task.name}", unit="slice", disable=not progress)
             for s in bar:
-                model_in = task.normalise(planes[s])[None, None]  # (1, 1, H, W) in [0, 1]
+                factor = scaler.factor_of(planes[s]) if scaler is not None else 1.0
+                model_in = task.normalise(planes[s] * factor)[None, None]  # (1, 1, H, W) in [0, 1]
                 model_out = inferer(model_in, call)[0, 0]
                 if clip:
                     model_out = model_out.clamp(0.0, 1.0)
-                out[s] = task.denormalise(model_out).to(out.device, torch.float32)
+                out[s] = (task.denormalise(model_out) / factor).to(out.device, torch.float32)
     finally:
         if was_training is not None:
             network.train(was_training)
@@ -950,14 +959,16 @@ class ScanInferer(Inferer):
     """MONAI inferer restoring a whole scan in physical units slice by slice (see :func:`restore_array`).
 
     Args:
-        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress: :func:`restore_array` options.
+        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress, intensity_reference:\n            :func:`restore_array` options.
     """
 
     def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = 0.25, sw_batch_size: int = 4,
-                 mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int = -1, progress: bool = True):
+                 mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int = -1, progress: bool = True,
+                 intensity_reference: Mapping[str, Mapping] | None = None):
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
-                           sw_device=sw_device, device=device, axis=axis, progress=progress)
+                           sw_device=sw_device, device=device, axis=axis, progress=progress,
+                           intensity_reference=intensity_reference)
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "", **kwargs: Any):
         return restore_array(network, inputs, task, **self.kwargs)

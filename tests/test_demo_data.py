@@ -15,7 +15,15 @@ import torch
 
 from medir_monai.cli import main
 from medir_monai.data import DataError, restoration_dataset, scan_authors_layout
-from medir_monai.data.demo import MANIFEST_NAME, SOURCES_NAME, demo_is_complete, ensure_demo_dataset
+from medir_monai.data.demo import (
+    MANIFEST_NAME,
+    MR_SOURCES_EXTENDED,
+    SOURCES_NAME,
+    demo_is_complete,
+    demo_sources,
+    ensure_demo_dataset,
+    source_of,
+)
 from medir_monai.metrics import psnr_paper, to_eval_window
 from medir_monai.tasks import get_task
 
@@ -68,47 +76,68 @@ def demo(tmp_path_factory) -> Path:
 
 def test_layout_counts_and_provenance(demo):
     manifest = json.loads((demo / MANIFEST_NAME).read_text())
-    assert manifest["counts"] == {t: {s: MAX_SLICES for s in SPLITS} for t in ("mri_sr", "pet_synthesis")}
+    # max_slices caps each source: MRI has 7 training sources, PET one (the brain); one source per other split
+    assert manifest["counts"] == {
+        "mri_sr": {"train": 7 * MAX_SLICES, "validation": MAX_SLICES, "test": MAX_SLICES},
+        "pet_synthesis": {s: MAX_SLICES for s in SPLITS},
+    }
     for task in ("mri_sr", "pet_synthesis"):
         for split in SPLITS:
-            assert len(_pairs(demo, task, split)) == MAX_SLICES
+            assert len(_pairs(demo, task, split)) == manifest["counts"][task][split]
     assert not (demo / "CT").exists()
     sources = (demo / SOURCES_NAME).read_text()
-    needles = ("nilearn", "mni_icbm152_t1_tal_nlin_sym_09a", "Contrast is T1", "PET is simulated", "KSpaceTruncate")
+    needles = ("nilearn", "mni_icbm152_t1_tal_nlin_sym_09a", "dipy", "nibabel", "MR2_UNCR.dcm", "PET is simulated",
+               "KSpaceTruncate", "never in PET training")
     for needle in needles:
         assert needle in sources, needle
-    # test slices are other template planes than training ones
-    train = {p.name.split("_r")[0] for p in (demo / "PET" / "train" / "HQ").iterdir()}
-    test = {p.name.split("_r")[0] for p in (demo / "PET" / "test" / "HQ").iterdir()}
-    assert not train & test
-    assert not {p.name for p in (demo / "MRI" / "train" / "HQ").iterdir()} & {
-        p.name for p in (demo / "MRI" / "test" / "HQ").iterdir()
-    }
+
+
+def test_every_source_is_in_exactly_one_split(demo):
+    """Split by source (subject / volume / scanner), never by slice: no source of the test or validation
+    split has a single slice in training."""
+    manifest = json.loads((demo / MANIFEST_NAME).read_text())
+    for task, table in manifest["sources"].items():
+        folder = demo / get_task(task).folder
+        for split in SPLITS:
+            names = {p.name for p in (folder / split / "HQ").glob("*.nii.gz")}
+            listed = {n for entry in table.values() if entry["split"] == split for n in entry["files"]}
+            assert names == listed
+            for name in names:
+                assert table[source_of(task, name)]["split"] == split
+        by_split = {split: {s for s, e in table.items() if e["split"] == split} for split in SPLITS}
+        assert all(by_split.values())  # every split has a source
+    assert demo_sources(demo)[0]["items"][0]["hq"].endswith(".nii.gz")
 
 
 def test_mri_slices_physical_units_and_lq_worse(demo):
+    maxima = []
     for split in SPLITS:
         for lq, hq in _pairs(demo, "mri_sr", split):
-            assert hq.shape == lq.shape == (256, 256)
-            assert hq.min() == 0.0 and 1500.0 < hq.max() <= 4095.0  # raw intensity, template x 12
+            assert hq.shape == lq.shape and min(hq.shape) >= 58
+            assert hq.min() >= 0.0 and hq.max() <= 4095.0  # each scanner's raw intensity
+            maxima.append(float(hq.max()))
             assert lq.min() >= 0.0  # magnitude image
             psnr = _psnr(lq, hq, "mri_sr")
             assert PSNR_LOWER < psnr < PSNR_UPPER["mri_sr"], psnr
             # k-space truncation removes fine detail: much less energy outside the central k-space quarter
             assert _outer_kspace_fraction(lq) < 0.5 * _outer_kspace_fraction(hq)
+    assert min(maxima) < 1000.0 < 3000.0 < max(maxima)  # raw scales differ between scanners
 
 
 def test_pet_slices_in_suv_and_lq_worse(demo):
     for split in SPLITS:
         for lq, hq in _pairs(demo, "pet_synthesis", split):
-            assert hq.shape == lq.shape == (128, 128)
-            brain = hq > 1.0
-            assert brain.sum() > 500
-            assert 2.0 < hq[brain].mean() < 8.0 and hq.max() < 20.0  # SUV (GM ~8, WM ~2)
+            assert hq.shape == lq.shape and min(hq.shape) >= 128
+            body = hq > 0.3
+            assert body.sum() > 500
+            assert 0.5 < hq[body].mean() < 8.0 and hq.max() < 20.0  # SUV
             assert hq.min() >= 0.0 and lq.min() >= 0.0  # OSEM is non-negative
-            assert abs(lq[brain].mean() / hq[brain].mean() - 1.0) < 0.1  # same mean: only counts differ
+            assert abs(lq[body].mean() / hq[body].mean() - 1.0) < 0.1  # same mean: only counts differ
             psnr = _psnr(lq, hq, "pet_synthesis")
             assert PSNR_LOWER < psnr < PSNR_UPPER["pet_synthesis"], psnr
+    # the test anatomy is a body (two hot lesions of SUV 8 in it), the training one a brain
+    (_, test_hq), *_ = _pairs(demo, "pet_synthesis", "test")
+    assert test_hq.max() > 4.0 and (test_hq > 0.3).sum() > 3000
 
 
 def test_demo_feeds_the_datasets(demo):
@@ -136,7 +165,7 @@ def test_complete_build_is_reused(demo):
 def test_interrupted_build_is_redone_identically(tmp_path):
     out = ensure_demo_dataset(tmp_path / "d", max_slices=1, tasks=("mri_sr",))
     before = _digest(out)
-    assert len(before) == 6  # 3 splits x LQ/HQ
+    assert len(before) == 2 * 9  # one slice of each of the 9 MRI sources, LQ and HQ
     # a killed build leaves no manifest (it is written last): the next call rebuilds, identically (seeded)
     (out / MANIFEST_NAME).unlink()
     sorted((out / "MRI" / "test" / "LQ").glob("*.nii.gz"))[0].unlink()  # and a file it was about to replace
@@ -159,7 +188,7 @@ def test_ct_from_real_slices_in_hounsfield_units(tmp_path):
     out = ensure_demo_dataset(tmp_path / "ct", max_slices=1, tasks=("ct_denoise",))
     for split in SPLITS:
         (lq, hq), = _pairs(out, "ct_denoise", split)
-        assert hq.shape == lq.shape == (512, 512)
+        assert hq.shape == lq.shape and hq.shape in ((512, 512), (128, 128))
         assert -1024.0 <= hq.min() < -900.0 and hq.max() > 1000.0  # air and bone, HU (clipped at -1024)
         body = hq > -200.0
         assert np.median(hq[body]) == pytest.approx(40.0, abs=100.0)  # soft tissue around 0-100 HU
@@ -167,3 +196,42 @@ def test_ct_from_real_slices_in_hounsfield_units(tmp_path):
         assert 5.0 < noise < 150.0, noise  # quarter-dose noise in HU
         psnr = _psnr(lq, hq, "ct_denoise")
         assert PSNR_LOWER < psnr < PSNR_UPPER["ct_denoise"], psnr
+
+
+def test_extended_corpus_names_the_missing_debian_package(tmp_path, monkeypatch):
+    import medir_monai.data.demo as demo
+
+    missing = demo._MRSource("colin27_t1", "mricron-data", "", str(tmp_path / "nowhere" / "ch2.nii.gz"), "T1",
+                             "train", "nifti", debian=True)
+    monkeypatch.setattr(demo, "MR_SOURCES_EXTENDED", (missing,))
+    with pytest.raises(DataError, match=r"Debian package 'mricron-data' \(apt-get install mricron-data\)"):
+        ensure_demo_dataset(tmp_path / "ext", max_slices=1, tasks=("mri_sr",), extended=True)
+    assert main(["demo-data", "--out", str(tmp_path / "ext2"), "--max-slices", "1", "--tasks", "mri_sr", "--extended",
+                 "--quiet"]) == 2
+    assert not (tmp_path / "ext2" / MANIFEST_NAME).exists()  # no build claims to be complete
+
+
+@pytest.mark.skipif(not all(Path(s.relpath).is_file() for s in MR_SOURCES_EXTENDED),
+                    reason="Debian packages mricron-data / insighttoolkit5-examples not installed")
+def test_extended_corpus_adds_training_sources(tmp_path):
+    out = ensure_demo_dataset(tmp_path / "ext", max_slices=1, tasks=("mri_sr",), extended=True)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["extended"] is True
+    assert manifest["sources"]["mri_sr"]["colin27_t1"]["split"] == "train"
+    assert manifest["counts"]["mri_sr"]["train"] == 7 + 2  # the wheels' seven training sources, two from Debian
+    assert not demo_is_complete(out, 1, ("mri_sr",))  # a plain build is a different request
+    assert "Debian `mricron-data`" in (out / SOURCES_NAME).read_text()
+
+
+def test_validation_report_names_the_demo_sources():
+    from medir_monai.handlers.report import demo_sources_of
+
+    rows = [
+        {"task": "mri_sr", "file": "/d/MRI/validation/HQ/nib_epi_s003.nii.gz"},
+        {"task": "mri_sr", "file": "/d/MRI/validation/HQ/nib_epi_s004.nii.gz"},
+        {"task": "ct_denoise", "file": "/d/CT/validation/HQ/neck_r01_lr.nii.gz"},
+        {"task": "pet_synthesis", "file": "/d/PET/test/HQ/abdomen_body_r0_id.nii.gz"},
+    ]
+    assert demo_sources_of(rows) == {"mri_sr": ["nib_epi"], "ct_denoise": ["neck"], "pet_synthesis": ["abdomen_body"]}
+    assert source_of("pet_synthesis", "abdomen_body_r0_id.nii.gz") == "abdomen_body"  # not the CT source "abdomen"
+    assert demo_sources_of(rows + [{"task": "ct_denoise", "file": "/mayo/L067_0001.nii.gz"}]) == {}  # not the demo

@@ -3,6 +3,16 @@
 Imports MONAI / torch / numpy only (never ``medir_monai``): task ranges are passed in by callers.
 """
 
+from .augment import (
+    ForTasksd,
+    RandDoseScaled,
+    RandForTasksd,
+    RandIntensityScaled,
+    RandPixelSized,
+    ScaleToReference,
+    ScaleToReferenced,
+    dose_noise_factor,
+)
 from .kspace import KSpaceTruncate, KSpaceTruncated, central_window, kspace_mask, kspace_truncate
 from .lowdose import (
     CT_FULL_DOSE_PHOTONS,
@@ -29,6 +39,14 @@ from .slices import (
 )
 
 __all__ = [
+    "ForTasksd",
+    "RandDoseScaled",
+    "RandForTasksd",
+    "RandIntensityScaled",
+    "RandPixelSized",
+    "ScaleToReference",
+    "ScaleToReferenced",
+    "dose_noise_factor",
     "CT_FULL_DOSE_PHOTONS",
     "FBP_FILTERS",
     "MU_WATER_PER_MM",

@@ -35,7 +35,15 @@ __all__ = [
 ]
 
 # entry points of the bundle configs
-from .bundle_data import CheckFinited, build_dataset, list_images, prepare_dataset_dir  # noqa: E402
+from .bundle_data import CheckFinited, build_dataset, list_images, prepare_dataset_dir, robust_augmentations  # noqa: E402
 from .demo import default_demo_dir, ensure_demo_dataset  # noqa: E402
 
-__all__ += ["CheckFinited", "build_dataset", "list_images", "prepare_dataset_dir", "default_demo_dir", "ensure_demo_dataset"]
+__all__ += [
+    "CheckFinited",
+    "build_dataset",
+    "list_images",
+    "prepare_dataset_dir",
+    "robust_augmentations",
+    "default_demo_dir",
+    "ensure_demo_dataset",
+]

@@ -15,12 +15,15 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from medir_monai.transforms import RandDoseScaled, RandForTasksd, RandIntensityScaled, RandPixelSized
+
+from ..tasks import get_task
 from .dataset import restoration_dataset
 from .demo import default_demo_dir, ensure_demo_dataset
 from .io import DataError, is_image_file
 from .layout import load_datalist, scan_authors_layout
 
-__all__ = ["build_dataset", "prepare_dataset_dir", "list_images", "CheckFinited", "DATALIST_SPLITS"]
+__all__ = ["build_dataset", "prepare_dataset_dir", "list_images", "robust_augmentations", "CheckFinited", "DATALIST_SPLITS"]
 
 # split names of the authors' layout -> keys of a MONAI datalist
 DATALIST_SPLITS = {"train": "training", "validation": "validation", "test": "test"}
@@ -57,6 +60,53 @@ def _even_subset(items: list[dict], limit: int | None) -> list[dict]:
     return out
 
 
+def robust_augmentations(
+    ct_dose_range: Sequence[float] | None = None,
+    ct_noise_model: str = "insert",
+    pet_dose_range: Sequence[float] | None = None,
+    pet_noise_model: str = "thinning",
+    mri_scale_range: Sequence[float] | None = None,
+    zoom_range: Sequence[float] | None = None,
+    zoom_prob: float = 0.5,
+    zoom_tasks: Sequence[str] = ("ct_denoise", "pet_synthesis"),
+) -> list:
+    """The robust-training augmentations of the bundle configs' ``robust`` block (``None`` leaves one out).
+
+    Each is a registered MONAI transform of :mod:`medir_monai.transforms.augment`, gated to its task by
+    :class:`~medir_monai.transforms.RandForTasksd`; the nominal doses come from the task registry (the dose the
+    stored or simulated LQ was made at).
+
+    Args:
+        ct_dose_range: CT dose fractions to re-dose pairs to (:class:`~medir_monai.transforms.RandDoseScaled`).
+        ct_noise_model: ``"insert"`` for LQ simulated by noise insertion (the demo set), ``"thinning"`` for real
+            paired scans (AAPM-Mayo quarter dose).
+        pet_dose_range: PET count fractions (``"thinning"``: the simulated and the list-mode pairs alike).
+        pet_noise_model: as ``ct_noise_model``, for PET.
+        mri_scale_range: MRI intensity factors (:class:`~medir_monai.transforms.RandIntensityScaled`, clipped to
+            the model range).
+        zoom_range: pixel-size factors (:class:`~medir_monai.transforms.RandPixelSized`).
+        zoom_prob: probability of resampling a sample.
+        zoom_tasks: the tasks resampled. Not MRI by default: its degradation is defined on the acquired grid (k-space
+            truncated to a quarter of *its* bandwidth), so a resampled pair would be a 2x or 6x problem instead of 4x;
+            CT noise and PET resolution do change with the pixel size of another scanner.
+    """
+    steps: list = []
+    for task, dose_range, noise_model in (
+        ("ct_denoise", ct_dose_range, ct_noise_model),
+        ("pet_synthesis", pet_dose_range, pet_noise_model),
+    ):
+        if dose_range is not None:
+            nominal = get_task(task).degradation_args["dose_fraction"]
+            redose = RandDoseScaled(("lq", "hq"), dose_range=dose_range, nominal_dose=nominal, noise_model=noise_model)
+            steps.append(RandForTasksd(redose, tasks=[task]))
+    if mri_scale_range is not None:
+        scale = RandIntensityScaled(("lq", "hq"), scale_range=mri_scale_range, clip=(0.0, 1.0))
+        steps.append(RandForTasksd(scale, tasks=["mri_sr"]))
+    if zoom_range is not None:
+        steps.append(RandForTasksd(RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob), tasks=zoom_tasks))
+    return steps
+
+
 def build_dataset(
     root: str | os.PathLike,
     split: str = "train",
@@ -67,6 +117,8 @@ def build_dataset(
     seed: int = 0,
     max_per_task: int | None = None,
     num_workers: int = 0,
+    augmentations: Sequence | None = None,
+    intensity_reference: dict | None = None,
 ):
     """The dataset of one split for a bundle.
 
@@ -80,6 +132,9 @@ def build_dataset(
         seed: seed of simulated LQ for HQ-only datalist items.
         max_per_task: keep at most this many slices per task, evenly spread (quick validation).
         num_workers: threads filling the cache.
+        augmentations: random training transforms after the cache, before the crop (the robust-training options of
+            the bundle configs); ignored for whole-slice splits.
+        intensity_reference: per-task per-scan normalisation (:func:`~medir_monai.data.restoration_dataset`).
     """
     root = Path(root).expanduser()
     if root.is_file() and root.suffix.lower() == ".json":
@@ -101,6 +156,8 @@ def build_dataset(
         cache_dir=cache_dir,
         seed=seed,
         num_workers=num_workers,
+        augmentations=augmentations,
+        intensity_reference=intensity_reference,
     )
 
 

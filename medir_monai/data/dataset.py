@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import math
 import os
 import pkgutil
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -40,6 +41,8 @@ from monai.transforms import (
     SpatialPadd,
     Transform,
 )
+
+from medir_monai.transforms import ForTasksd, ScaleToReferenced
 
 from ..tasks import get_task
 from .io import DataError
@@ -219,13 +222,47 @@ def _keep_sample_keys(item: Mapping) -> dict:
     return {k: item[k] for k in ("lq", "hq", "task", "task_name", "file", "slice")}
 
 
+def intensity_reference_transforms(intensity_reference: Mapping[str, Mapping] | None) -> list:
+    """Per-scan normalisation steps (physical units, before the task's range): for each task name, a
+    :class:`~medir_monai.transforms.ScaleToReferenced` with the given arguments (``percentile``, ``reference``,
+    ...), applied to that task's items only. The same mapping given to the restore path
+    (:func:`medir_monai.inference.restore_array`) keeps training and inference alike."""
+    steps = []
+    for task, kwargs in (intensity_reference or {}).items():
+        name = get_task(task).name  # unknown task names fail here, with the known ones listed
+        scaler = ScaleToReferenced(("lq", "hq"), ref_key="lq", factor_key=None, **dict(kwargs))
+        steps.append(ForTasksd(scaler, tasks=[name], task_key="task"))
+    return steps
+
+
+def _unwrap_all(transforms: Sequence[Callable]) -> list:
+    """The transforms with task gates (:class:`~medir_monai.transforms.ForTasksd`) replaced by what they wrap."""
+    return [t.transform if isinstance(t, ForTasksd) else t for t in transforms]
+
+
 def restoration_transforms(
-    train: bool = True, patch_size: int | Sequence[int] = 128, seed: int = 0, axcodes: str | None = "RAS"
+    train: bool = True,
+    patch_size: int | Sequence[int] = 128,
+    seed: int = 0,
+    axcodes: str | None = "RAS",
+    augmentations: Sequence[Callable] | None = None,
+    intensity_reference: Mapping[str, Mapping] | None = None,
 ) -> Compose:
-    """The deterministic (cacheable) steps followed, for training, by the shared random crop."""
-    steps: list = [LoadSlicePaird(axcodes), SimulateLowQualityd(seed), NormaliseByTaskd(), _keep_sample_keys]
+    """The deterministic (cacheable) steps followed, for training, by the random ``augmentations`` (e.g. the
+    robust-training transforms of :mod:`medir_monai.transforms.augment`, on model-space ``[0, 1]`` pairs) and the
+    shared random crop. ``intensity_reference``: per-task per-scan normalisation (see
+    :func:`intensity_reference_transforms`), applied in training and evaluation alike."""
+    steps: list = [LoadSlicePaird(axcodes), SimulateLowQualityd(seed)]
+    steps += intensity_reference_transforms(intensity_reference)
+    steps += [NormaliseByTaskd(), _keep_sample_keys]
     if train:
         size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if augmentations:
+            # the augmentations see a random window just large enough that a zoom down to its smallest factor still
+            # fills the patch, not the whole slice (a 512 x 512 CT slice costs ~20x a 128 x 128 window)
+            smallest_zoom = min([min(a.zoom_range) for a in _unwrap_all(augmentations) if hasattr(a, "zoom_range")] or [1.0])
+            window = tuple(math.ceil(s / min(1.0, smallest_zoom)) + 2 for s in size)
+            steps += [RandSpatialCropd(("lq", "hq"), roi_size=window, random_size=False), *augmentations]
         steps += [
             SpatialPadd(("lq", "hq"), spatial_size=size, mode="constant", value=0.0),
             RandSpatialCropd(("lq", "hq"), roi_size=size, random_size=False),
@@ -290,6 +327,8 @@ def restoration_dataset(
     seed: int = 0,
     axcodes: str | None = "RAS",
     progress: bool = False,
+    augmentations: Sequence[Callable] | None = None,
+    intensity_reference: Mapping[str, Mapping] | None = None,
 ) -> Dataset:
     """A MONAI dataset of 2-D LQ/HQ samples from layout / datalist items.
 
@@ -305,6 +344,10 @@ def restoration_dataset(
             call ``dataset.transform.set_random_state(seed)`` to fix it).
         axcodes: orientation volumes are brought to before slicing.
         progress: show the cache-filling progress bar.
+        augmentations: random dictionary transforms applied to training pairs after the cache, before the crop
+            (model-space ``[0, 1]`` images; items carry ``task_name`` for :class:`~medir_monai.transforms.ForTasksd`).
+        intensity_reference: per task name, :class:`~medir_monai.transforms.ScaleToReferenced` arguments
+            (per-scan normalisation; see :func:`intensity_reference_transforms`).
 
     Returns:
         the dataset; ``dataset.data`` is the list of slice items (see :func:`get_task_labels`).
@@ -314,7 +357,7 @@ def restoration_dataset(
     items = expand_to_slices(data, axcodes)
     if not items:
         raise DataError("no slices to load: the item list is empty")
-    transform = restoration_transforms(train, patch_size, seed, axcodes)
+    transform = restoration_transforms(train, patch_size, seed, axcodes, augmentations, intensity_reference)
     if cache == "memory":
         return RestorationCacheDataset(items, transform, num_workers=max(1, num_workers), progress=progress)
     if cache == "disk":

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
+from ..data.demo import source_of
+from ..data.io import DataError
 from ..tasks import get_task
 from .metrics import TaskMetricCollector
 
@@ -109,6 +111,21 @@ class EvalReportHandler:
         engine.logger.info("\n" + report)
 
 
+def demo_sources_of(rows: list[dict]) -> dict[str, list[str]]:
+    """The demo set's sources (subject / volume / scanner) of the rows' files, per task; empty when a file is not
+    one of the demo's (other data sets carry no source names)."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        try:
+            source = source_of(row["task"], str(row.get("file", "")))
+        except DataError:
+            return {}
+        names = out.setdefault(row["task"], [])
+        if source not in names:
+            names.append(source)
+    return out
+
+
 class ValidationSummaryHandler:
     """When training ends, print the last validation as the papers' table (per task, LQ baseline and model).
 
@@ -132,6 +149,10 @@ class ValidationSummaryHandler:
             counts[row["task"]] = counts.get(row["task"], 0) + 1
         report = format_report(self.collector.per_task_means(), self.model_name, counts)
         report = report.replace("# Evaluation of", f"# Validation at iteration {engine.state.iteration}:", 1)
+        sources = demo_sources_of(self.collector.rows)
+        if sources:
+            listing = "; ".join(f"{task} {', '.join(names)}" for task, names in sources.items())
+            report = report.replace("\nSlices: ", f"\nSources (demo set, none of them in training): {listing}\n\nSlices: ", 1)
         if self.output_dir:
             atomic_write_text(Path(self.output_dir) / "validation_report.md", report)
         print("\n" + report, flush=True)

@@ -1,0 +1,185 @@
+"""Leave-one-source-out generalisation: does a model restore a scan from a source it never saw?
+
+For each fold, the demo corpus's sources (subjects / volumes / scanners, see the demo's ``SOURCES.md``) are
+split into *left out* (one source per task, or two MRI sources) and *training* (all the others); a small model
+is trained with a bundle's training config on the training sources only (validation only once, at the end, on
+the left-out sources: no model selection on them), then every left-out LQ slice is restored with the bundle's
+restore path (:func:`medir_monai.inference.restore_array`, per-scan normalisation included) and compared with
+its HQ. Prints LQ vs restored per task and per left-out source, paper convention (PSNR / SSIM / RMSE in physical
+units, eval window) and MONAI's PSNR / SSIM.
+
+    python benchmarks/generalisation.py                       # AMIR quick config, all folds
+    python benchmarks/generalisation.py --folds 0 --iterations 300
+    python benchmarks/generalisation.py --bundle bundles/restormer --config bundles/restormer/configs/quick.json
+
+Never part of the test suite's pass/fail (``tests/test_generalisation.py`` is the slow test that asserts one fold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+
+from medir_monai.data import ensure_demo_dataset  # noqa: E402
+from medir_monai.data.demo import demo_sources  # noqa: E402
+from medir_monai.data.io import load_image  # noqa: E402
+from medir_monai.inference import restore_array  # noqa: E402
+from medir_monai.metrics import monai_metrics, paper_metrics  # noqa: E402
+from medir_monai.tasks import get_task  # noqa: E402
+
+TASKS = ("mri_sr", "ct_denoise", "pet_synthesis")
+
+
+def make_folds(sources: list[dict], mri_per_fold: int = 2) -> list[dict[str, list[str]]]:
+    """Folds that leave out every source once: fold ``i`` holds the ``i``-th CT and PET source and
+    ``mri_per_fold`` MRI sources (MRI has the most); ``{task: [left-out source names]}`` per fold."""
+    names = {t: [s["source"] for s in sources if s["task"] == t] for t in TASKS}
+    per_fold = {t: (mri_per_fold if t == "mri_sr" else 1) for t in TASKS}
+    count = max(-(-len(names[t]) // per_fold[t]) for t in TASKS if names[t])
+    folds = []
+    for i in range(count):
+        fold = {}
+        for t in TASKS:
+            groups = [names[t][j : j + per_fold[t]] for j in range(0, len(names[t]), per_fold[t])]
+            if groups:
+                fold[t] = groups[i % len(groups)]
+        folds.append(fold)
+    return folds
+
+
+def write_datalist(sources: list[dict], left_out: dict[str, list[str]], path: Path) -> dict[str, int]:
+    """A JSON datalist: training = every slice of the other sources, validation / test = the left-out ones."""
+    train, held = [], []
+    for s in sources:
+        (held if s["source"] in left_out.get(s["task"], []) else train).extend(s["items"])
+    path.write_text(json.dumps({"training": train, "validation": held, "test": held}, indent=1))
+    return {"train": len(train), "left_out": len(held)}
+
+
+def train_fold(bundle: Path, configs: list[Path], datalist: Path, work: Path, iterations: int, seed: int):
+    """Train with the bundle's own config on ``datalist`` into ``work``; returns the network and the parser."""
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
+    parser["bundle_root"] = str(bundle)
+    parser["dataset_dir"] = str(datalist)
+    parser["ckpt_dir"] = str(work / "models")
+    parser["output_dir"] = str(work / "runs")
+    parser["cache_dir"] = str(work / "cache")
+    parser["max_iterations"] = iterations
+    parser["val_interval"] = iterations  # one validation, at the end: nothing is selected on the left-out data
+    parser["val_max_per_task"] = 1  # (the figures come from evaluate_source, on the restore path)
+    parser["seed"] = seed
+    parser["device"] = "$torch.device('cpu')"
+    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("training")
+    return parser.get_parsed_content("network"), parser
+
+
+def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int | None = None) -> dict[str, dict[str, float]]:
+    """LQ and restored metrics (means over the source's slices, at most ``max_slices`` evenly spread) against HQ, in
+    physical units."""
+    task = get_task(source["task"])
+    patch = parser.get_parsed_content("patch_size")
+    reference = parser.get_parsed_content("intensity_reference")
+    rows = {"lq": [], "restored": []}
+    items = source["items"]
+    if max_slices is not None and len(items) > max_slices:
+        items = [items[i] for i in np.linspace(0, len(items) - 1, max_slices).round().astype(int)]
+    for item in items:
+        lq = load_image(item["lq"], ndim=(2,)).as_tensor().float()
+        hq = load_image(item["hq"], ndim=(2,)).as_tensor().float()
+        restored = restore_array(network, lq, task, roi_size=patch, overlap=0.25, sw_batch_size=1,
+                                 progress=False, intensity_reference=reference)
+        for key, image in (("lq", lq), ("restored", restored)):
+            m = paper_metrics(image[None], hq[None], task, normalised=False)
+            m.update(monai_metrics(image[None], hq[None], task, normalised=False))
+            rows[key].append({k: float(v[0]) for k, v in m.items()})
+    means = {key: {k: float(np.mean([r[k] for r in vals])) for k in vals[0]} for key, vals in rows.items()}
+    return {**means, "slices": len(items)}
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| fold | task | left-out source | slices | LQ PSNR | restored PSNR | LQ SSIM | restored SSIM | LQ RMSE | restored RMSE "
+        "| LQ MONAI PSNR | restored MONAI PSNR | better? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lq, rs = r["lq"], r["restored"]
+        better = "yes" if rs["psnr"] > lq["psnr"] and rs["ssim"] > lq["ssim"] else "**no**"
+        lines.append(
+            f"| {r['fold']} | {r['task']} | {r['source']} | {r['slices']} | {lq['psnr']:.2f} | {rs['psnr']:.2f} "
+            f"| {lq['ssim']:.4f} | {rs['ssim']:.4f} | {lq['rmse']:.4g} | {rs['rmse']:.4g} "
+            f"| {lq['monai_psnr']:.2f} | {rs['monai_psnr']:.2f} | {better} |"
+        )
+    return "\n".join(lines)
+
+
+def run(bundle: Path, configs: list[Path], demo_dir: Path | None, folds: list[int] | None, iterations: int,
+        seed: int, mri_per_fold: int, max_slices: int | None = None, eval_slices: int | None = 12) -> list[dict]:
+    root = ensure_demo_dataset(demo_dir, max_slices=max_slices, verbose=True)
+    sources = demo_sources(root)
+    all_folds = make_folds(sources, mri_per_fold)
+    results = []
+    for index in folds if folds is not None else range(len(all_folds)):
+        left_out = all_folds[index]
+        with tempfile.TemporaryDirectory(prefix=f"medir_loso{index}_") as tmp:
+            work = Path(tmp)
+            counts = write_datalist(sources, left_out, work / "datalist.json")
+            print(f"fold {index}: leaving out {left_out} ({counts['train']} training slices)", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            network, parser = train_fold(bundle, configs, work / "datalist.json", work, iterations, seed)
+            trained = time.perf_counter() - start
+            for s in sources:
+                if s["source"] in left_out.get(s["task"], []):
+                    metrics = evaluate_source(network, s, parser, eval_slices)
+                    results.append({"fold": index, "task": s["task"], "source": s["source"], "train_seconds": trained,
+                                    **metrics})
+            print(table([r for r in results if r["fold"] == index]), file=sys.stderr, flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=str(REPO / "bundles" / "amir"))
+    p.add_argument("--config", nargs="*", default=None, help="configs merged over train.json (default: the bundle's quick.json)")
+    p.add_argument("--demo-dir", default=None, help="demo folder (default: the usual one, built if missing)")
+    p.add_argument("--max-slices", type=int, default=None, help="demo build with at most this many slices per source")
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="fold indices to run (default: all)")
+    p.add_argument("--iterations", type=int, default=800)
+    p.add_argument("--mri-per-fold", type=int, default=2)
+    p.add_argument("--eval-slices", type=int, default=12, help="left-out slices restored per source, evenly spread")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    bundle = Path(args.bundle).resolve()
+    configs = [Path(c) for c in args.config] if args.config else [bundle / "configs" / "quick.json"]
+    start = time.perf_counter()
+    results = run(bundle, configs, Path(args.demo_dir) if args.demo_dir else None, args.folds, args.iterations,
+                  args.seed, args.mri_per_fold, args.max_slices, args.eval_slices)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"# benchmarks/generalisation.py  {time.strftime('%Y-%m-%d')}  bundle {bundle.name}, configs "
+          f"{[c.name for c in configs]}, {args.iterations} iterations per fold, CPU {capability}, "
+          f"{time.perf_counter() - start:.0f} s\n")
+    print("Leave-one-source-out: each row's source was not in that fold's training data. Paper convention "
+          "(per slice, eval window, label range; RMSE in the task's unit), mean over the source's slices.\n")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
