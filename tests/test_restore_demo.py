@@ -30,7 +30,7 @@ def trained(demo):
     torch.manual_seed(0)
     task = get_task("mri_sr")
     pairs = []
-    for hq_path in sorted((demo / "MRI" / "train" / "HQ").iterdir()):
+    for hq_path in sorted((demo / "MRI" / "train" / "HQ").glob("mni_t1_*")):  # the 256 x 256 template slices
         lq = load_image(demo / "MRI" / "train" / "LQ" / hq_path.name)
         hq = load_image(hq_path)
         pairs.append((task.normalise(torch.as_tensor(lq))[None, None, 64:192, 64:192].float(),
