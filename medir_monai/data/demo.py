@@ -115,7 +115,7 @@ class _MRSource:
 
 
 MR_SOURCES = (
-    _MRSource("mni_t1", "nilearn", "nilearn", f"datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    _MRSource("mni_t1", "nilearn", "nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
               "MNI152 2009a T1 template (average of 152 adults), brain, 1 mm", "train", "template"),
     _MRSource("dipy_t1", "dipy", "dipy", "data/files/t1_coronal_slice.npy",
               "T1 brain, coronal slice (skull-stripped), 256 x 256", "train", "npy_unit"),
@@ -611,7 +611,7 @@ def _sources_markdown(counts: dict, seed: int, max_slices: int | None, extended:
     )
     dipy_v, nibabel_v = _version("dipy"), _version("nibabel")
     bounds = [-np.inf] + [u for u, _ in PET_BODY_SUV[:-1]]
-    PET_BODY_SUV_TEXT = ", ".join(f"{v:g} ({'HU >= ' + format(lo, 'g') if np.isfinite(lo) else 'HU'} < {u:g})".replace(" < inf", "")
+    body_suv_text = ", ".join(f"{v:g} ({'HU >= ' + format(lo, 'g') if np.isfinite(lo) else 'HU'} < {u:g})".replace(" < inf", "")
                                   for lo, (u, v) in zip(bounds, PET_BODY_SUV))
     table = "\n".join(
         f"| {task} | " + " | ".join(str(len(counts[task].get(split, []))) for split in SPLITS) + " |"
@@ -685,7 +685,7 @@ Every row is one source (a subject / volume / scanner) and goes to exactly one s
 - Training: brain planes {PET_Z_RANGE[0]}..{PET_Z_RANGE[1] - 1} (2 mm), {PET_REALISATIONS["train"]} independent
   count realisations per plane.
 - **Validation and test: body anatomy never in PET training.** The real CT slices
-  {", ".join(f"{n} ({sp})" for n, sp in PET_BODY_SOURCES.items())} (CT table below) turned into FDG-like maps by tissue class: SUV {PET_BODY_SUV_TEXT}, plus
+  {", ".join(f"{n} ({sp})" for n, sp in PET_BODY_SOURCES.items())} (CT table below) turned into FDG-like maps by tissue class: SUV {body_suv_text}, plus
   {PET_BODY_LESIONS["count"]} hot spots of SUV {PET_BODY_LESIONS["suv"]:g} (radius {PET_BODY_LESIONS["radius_mm"]:g} mm)
   in soft tissue; attenuation {PET_MU_PER_MM}/mm x (1 + HU/1000); block-averaged to about
   {PET_BODY_PIXEL_MM:g} mm pixels; {PET_BODY_REALISATIONS} count realisations x flips {PET_BODY_FLIPS}, same
