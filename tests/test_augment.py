@@ -170,3 +170,16 @@ def test_restore_with_intensity_reference_keeps_raw_values_beyond_the_range():
     ref = {"mri_sr": {"percentile": 99.0, "reference": 1500.0}}
     kept = restore_array(identity, image, "mri_sr", roi_size=32, progress=False, intensity_reference=ref)
     assert np.allclose(kept, image, rtol=1e-4, atol=0.5)
+
+
+def test_disk_cache_is_not_shared_across_intensity_references(tmp_path):
+    import nibabel as nib
+
+    hq = np.where(_water_disk(64) > 0, 20000.0, 0.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(hq, np.eye(4)), str(tmp_path / "hq.nii.gz"))
+    items = [{"hq": str(tmp_path / "hq.nii.gz"), "lq": str(tmp_path / "hq.nii.gz"), "task": "mri_sr"}]
+    cache = tmp_path / "cache"
+    plain = restoration_dataset(items, train=False, cache="disk", cache_dir=cache)[0]["hq"]
+    reference = {"mri_sr": {"percentile": 99.0, "reference": 2047.5}}
+    scaled = restoration_dataset(items, train=False, cache="disk", cache_dir=cache, intensity_reference=reference)[0]["hq"]
+    assert float(plain.max()) == 1.0 and float(scaled.max()) == pytest.approx(0.5, abs=0.01)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import json
 import math
 import os
 import pkgutil
@@ -363,8 +364,10 @@ def restoration_dataset(
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
-        # the seed is part of each item so a different simulation seed does not reuse stale cache files
-        items = [dict(it, sim_seed=seed) for it in items]
+        # the seed and the per-scan normalisation are part of each item so that other settings do not reuse stale
+        # cache files (PersistentDataset keys its files on the item)
+        reference = json.dumps(intensity_reference or {}, sort_keys=True)
+        items = [dict(it, sim_seed=seed, intensity_reference=reference) for it in items]
         return RestorationPersistentDataset(items, transform, cache_dir=cache_dir)
     return RestorationDataset(items, transform)
 
