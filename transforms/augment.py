@@ -160,9 +160,7 @@ class RandIntensityScaled(Randomizable, MapTransform):
         self.factor = 1.0
 
     def randomize(self, data: Any = None) -> None:
-        apply = self.R.random_sample() < self.prob
-        low, high = self.scale_range
-        self.factor = float(math.exp(self.R.uniform(math.log(low), math.log(high)))) if apply else 1.0
+        self.factor = _log_uniform_or_one(self.R, self.scale_range, self.prob)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         self.randomize()
@@ -203,9 +201,7 @@ class RandPixelSized(Randomizable, MapTransform):
         self.zoom = 1.0
 
     def randomize(self, data: Any = None) -> None:
-        apply = self.R.random_sample() < self.prob
-        low, high = self.zoom_range
-        self.zoom = float(math.exp(self.R.uniform(math.log(low), math.log(high)))) if apply else 1.0
+        self.zoom = _log_uniform_or_one(self.R, self.zoom_range, self.prob)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         self.randomize()
@@ -340,6 +336,15 @@ class RandForTasksd(Randomizable, ForTasksd):
 
     def randomize(self, data: Any = None) -> None:  # the wrapped transform draws its own numbers
         pass
+
+
+def _log_uniform_or_one(rng: np.random.RandomState, value_range: tuple[float, float], prob: float) -> float:
+    """A factor drawn log-uniformly in ``value_range`` with probability ``prob``, else 1 (always two draws of ``rng``
+    when applied, one when not, so seeded sequences stay reproducible)."""
+    if rng.random_sample() >= prob:
+        return 1.0
+    low, high = value_range
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
 def _probability(prob: float) -> float:
