@@ -119,6 +119,8 @@ def _run_restore(args: argparse.Namespace) -> int:
         overrides["device"] = f"$torch.device({args.device!r})"
     parser = _bundle_parser(args.bundle, "inference.json", args.config, overrides)
     parser["task"] = args.task  # None: from the DICOM Modality tag
+    if args.no_safeguard:
+        parser["safeguard"] = None
     if args.checkpoint:
         parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
@@ -155,6 +157,8 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-safeguard", action="store_true",
+                   help="write the network output as it is, without the config's consistency safeguard")
     p.set_defaults(func=_run_restore)
 
 

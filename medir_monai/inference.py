@@ -52,6 +52,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from medir_monai.data.io import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, DataError, check_image
+from medir_monai.safeguard import RestorationSafeguard
 from medir_monai.tasks import Task, get_task, task_from_modality, task_names
 from medir_monai.transforms import ScaleToReference
 
@@ -175,6 +176,7 @@ def restore_array(
     axis: int = -1,
     clip: bool = True,
     intensity_reference: Mapping[str, Mapping] | None = None,
+    safeguard: Mapping[str, Mapping] | RestorationSafeguard | None = None,
     **inferer_kwargs: Any,
 ) -> torch.Tensor | np.ndarray:
     """Restore a 2-D slice or a 3-D volume given in physical units, slice by slice.
@@ -204,6 +206,8 @@ def restore_array(
             slice of that task is scaled so its robust percentile meets the reference before normalisation,
             and the restored slice is scaled back (the per-scan normalisation the model was trained with; the
             bundle configs' ``intensity_reference``).
+        safeguard: per task name, a :mod:`medir_monai.safeguard` setting (``{"method": "noise", ...}``) applied
+            to each restored slice against its input, in physical units (the bundle configs' ``safeguard``).
         inferer_kwargs: further :class:`~monai.inferers.SlidingWindowInferer` arguments (``sigma_scale``,
             ``padding_mode``, ``cval``, ``buffer_steps``, ...).
 
@@ -241,6 +245,7 @@ def restore_array(
     call = _image_only(network)
     reference = (intensity_reference or {}).get(task.name)
     scaler = ScaleToReference(**reference) if reference else None
+    guard = safeguard if isinstance(safeguard, RestorationSafeguard) else RestorationSafeguard(safeguard)
     out = torch.empty_like(planes)
     was_training = network.training if isinstance(network, torch.nn.Module) else None
     if was_training is not None:
@@ -254,7 +259,8 @@ def restore_array(
                 model_out = inferer(model_in, call)[0, 0]
                 if clip:
                     model_out = model_out.clamp(0.0, 1.0)
-                out[s] = (task.denormalise(model_out) / factor).to(out.device, torch.float32)
+                restored = (task.denormalise(model_out) / factor).to(out.device, torch.float32)
+                out[s] = guard(planes[s], restored, task) if guard else restored
     finally:
         if was_training is not None:
             network.train(was_training)
@@ -787,20 +793,39 @@ def _derived_dataset(src, stored: np.ndarray, slope: float, intercept: float, se
     return ds
 
 
+DERIVED_SERIES_OFFSET = 1000
+"""A derived series is numbered ``source SeriesNumber + 1000`` (``1000`` when the source has none), as scanners
+number their reformats and derived series apart from the acquired ones."""
+
+
+def derived_series_number(src) -> int:
+    """The SeriesNumber of the derived series made from the series of dataset ``src``."""
+    try:
+        number = int(str(getattr(src, "SeriesNumber", "") or "").strip())
+    except ValueError:
+        number = 0
+    number = number + DERIVED_SERIES_OFFSET
+    return number if number < 2**31 else DERIVED_SERIES_OFFSET  # IS holds a signed 32-bit integer
+
+
 def _write_dicom(image: ScanImage, restored: np.ndarray, out: Path, model_name: str, task: Task,
                  unit_factor: float) -> None:
     """Write the restored planes as a new series: one file per input slice (``out`` is a folder or one file)."""
     from pydicom.uid import generate_uid
 
     datasets = image.source
-    planes = [restored] if image.kind == "dicom" else [restored[..., k] for k in range(restored.shape[-1])]
+    restored = np.asarray(restored)
+    # a one-file series folder reads as one 2-D plane, like a single file
+    planes = [restored] if restored.ndim == 2 else [restored[..., k] for k in range(restored.shape[-1])]
     values = [np.asarray(p, dtype=np.float64).T / unit_factor for p in planes]  # (rows, columns), file units
     slope, intercept, dtype = _rescale_for(datasets, values)
     info = np.iinfo(dtype)
     series_uid = generate_uid()
+    series_number = derived_series_number(datasets[0])
     for k, (src, v) in enumerate(zip(datasets, values)):
         stored = np.clip(np.floor((v - intercept) / slope + 0.5), info.min, info.max).astype(dtype)
         ds = _derived_dataset(src, stored, slope, intercept, series_uid, model_name, task)
+        ds.SeriesNumber = series_number
         target = out if image.kind == "dicom" else out / f"IM{k + 1:05d}.dcm"
         ds.save_as(str(target), enforce_file_format=True)
 
@@ -959,16 +984,19 @@ class ScanInferer(Inferer):
     """MONAI inferer restoring a whole scan in physical units slice by slice (see :func:`restore_array`).
 
     Args:
-        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress, intensity_reference:\n            :func:`restore_array` options.
+        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress, intensity_reference, safeguard:
+            :func:`restore_array` options.
     """
 
     def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = 0.25, sw_batch_size: int = 4,
                  mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int = -1, progress: bool = True,
-                 intensity_reference: Mapping[str, Mapping] | None = None):
+                 intensity_reference: Mapping[str, Mapping] | None = None,
+                 safeguard: Mapping[str, Mapping] | None = None):
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
                            sw_device=sw_device, device=device, axis=axis, progress=progress,
-                           intensity_reference=intensity_reference)
+                           intensity_reference=intensity_reference,
+                           safeguard=RestorationSafeguard(safeguard))
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "", **kwargs: Any):
         return restore_array(network, inputs, task, **self.kwargs)

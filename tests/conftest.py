@@ -47,3 +47,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_CHECKOUT_FOLDERS = ("bundles", "medir_monai", "transforms", "benchmarks", "docs", "scripts", "tests")
+
+
+def _checkout_files() -> set[str]:
+    """Every file of the checkout's own folders (``__pycache__`` aside), and its top-level files."""
+    found = {str(p) for p in REPO_ROOT.iterdir() if p.is_file()}
+    for folder in _CHECKOUT_FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(REPO_ROOT / folder):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            found.update(os.path.join(dirpath, name) for name in filenames)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def checkout_stays_clean():
+    """Tests write only under temporary folders: a file a test leaves in the checkout fails that test."""
+    before = _checkout_files()
+    yield
+    written = sorted(_checkout_files() - before)
+    assert not written, f"the test wrote into the checkout: {written[:5]}"

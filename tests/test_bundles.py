@@ -150,7 +150,7 @@ def test_resume_is_bit_identical(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_metadata_and_properties(name, dataset):
+def test_metadata_and_properties(name, dataset, tmp_path):
     from monai.bundle import verify_metadata
 
     cfg = _config(name)
@@ -160,7 +160,8 @@ def test_metadata_and_properties(name, dataset):
     for config, kind in (("train.json", "train"), ("inference.json", "infer")):
         # init_id of a missing entry: parse the config without building the demo data or loading weights
         workflow = ConfigWorkflow(config_file=str(cfg / config), workflow_type=kind, init_id="no_initialize",
-                                  dataset_dir=str(data[config]))
+                                  dataset_dir=str(data[config]), output_dir=str(tmp_path / "runs"),
+                                  ckpt_dir=str(tmp_path / "models"))
         workflow.initialize()
         assert workflow.check_properties() == [], (config, workflow.check_properties())
 

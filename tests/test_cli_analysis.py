@@ -109,3 +109,53 @@ def test_medir_interference_prints_a_task_table(tmp_path, capsys):
     assert len(rows) == 3
     diagonal = [float(row.split("|")[i + 2]) for i, row in enumerate(rows)]
     assert diagonal == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_medir_restore_applies_the_config_safeguard_unless_told_not_to(tmp_path):
+    torch.manual_seed(0)
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    guard = {"ct_denoise": {"method": "noise", "lowpass_sigma": 1.5, "window": 5, "object_threshold": -500.0}}
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({**TINY_NET, "patch_size": [32, 32], "safeguard": guard}))
+    hu = np.random.default_rng(1).normal(40, 30, (48, 40)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    base = ["restore", "--bundle", str(REPO_ROOT / "bundles" / "restormer"), "--config", str(tiny), "--checkpoint",
+            str(ckpt), "--input", str(tmp_path / "slice.nii.gz"), "--task", "ct_denoise"]
+    assert main(base + ["--output", str(tmp_path / "guarded")]) == 0
+    assert main(base + ["--output", str(tmp_path / "raw"), "--no-safeguard"]) == 0
+    guarded = nib.load(str(tmp_path / "guarded" / "slice_restored.nii.gz")).get_fdata()
+    raw = nib.load(str(tmp_path / "raw" / "slice_restored.nii.gz")).get_fdata()
+    change = lambda x: float(np.sqrt(np.mean((x - hu) ** 2)))  # noqa: E731
+    assert change(raw) > 100.0  # an untrained network: far from its input
+    assert change(guarded) < 30.0  # held within the input's noise level (30 HU)
+
+
+class _RunsCode:
+    """A pickle payload that would call a function on load (a harmless one: never reached)."""
+
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+def test_medir_restore_refuses_unsafe_and_corrupt_checkpoints_in_one_line(tmp_path, capsys):
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({**TINY_NET, "patch_size": [32, 32]}))
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _RunsCode()}, evil)
+    torn = tmp_path / "torn.pt"
+    torch.save(Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1).state_dict(), torn)
+    torn.write_bytes(torn.read_bytes()[:2000])
+    for ckpt, why in ((evil, "its pickle would run code"), (torn, "truncated or corrupt")):
+        args = ["restore", "--bundle", str(REPO_ROOT / "bundles" / "restormer"), "--config", str(tiny), "--checkpoint",
+                str(ckpt), "--input", str(tmp_path / "slice.nii.gz"), "--output", str(tmp_path / "out"),
+                "--task", "ct_denoise"]
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert "this pickle ran code" not in captured.out
+        lines = [line for line in captured.err.splitlines() if line.startswith("medir restore: error")]
+        assert len(lines) == 1 and str(ckpt) in lines[0] and why in lines[0], captured.err
+        assert "Traceback" not in captured.err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -326,6 +326,61 @@ def test_single_dicom_file(tmp_path):
     assert d.SeriesInstanceUID != o.SeriesInstanceUID
 
 
+def test_one_file_dicom_folder_restores_like_the_file(tmp_path):
+    """A series folder holding one real slice (pydicom's CT_small.dcm) restores and is written as a one-file series."""
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm", src / "CT_small.dcm")
+    before = tree_digest(src)
+    out = inf.restore_file(torch.nn.Identity(), src, tmp_path / "out", progress=False, roi_size=(32, 32))
+    assert tree_digest(src) == before
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["IM00001.dcm"]
+    d, o = pydicom.dcmread(files[0]), pydicom.dcmread(src / "CT_small.dcm")
+    np.testing.assert_allclose(apply_modality_lut(d.pixel_array, d), apply_modality_lut(o.pixel_array, o),
+                               atol=float(d.RescaleSlope) / 2 + 1e-3)
+
+
+def test_derived_series_gets_its_own_series_number(tmp_path):
+    write_ct_series(tmp_path / "in", n=2)
+    originals = read_series(tmp_path / "in")
+    out = inf.restore_file(torch.nn.Identity(), tmp_path / "in", tmp_path / "out", progress=False, roi_size=(16, 16))
+    numbers = {int(d.SeriesNumber) for d in read_series(out)}
+    source = int(originals[0].SeriesNumber) if "SeriesNumber" in originals[0] else 0
+    assert numbers == {source + inf.DERIVED_SERIES_OFFSET}
+    assert inf.derived_series_number(Dataset()) == inf.DERIVED_SERIES_OFFSET  # none in the source
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    import subprocess
+
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")}
+
+
+@pytest.mark.skipif(__import__("shutil").which("dciodvfy") is None,
+                    reason="dciodvfy not installed (Debian package dicom3tools; .ci/run installs it)")
+@pytest.mark.parametrize("source", ["CT_small.dcm", "MR_small.dcm", "written_ct_series"])
+def test_written_dicom_passes_dciodvfy_with_no_new_error(tmp_path, source):
+    if source == "written_ct_series":
+        write_ct_series(tmp_path / "in", n=2)
+        inputs = sorted((tmp_path / "in").iterdir())
+        out = inf.restore_file(torch.nn.Identity(), tmp_path / "in", tmp_path / "out", progress=False,
+                               roi_size=(16, 16))
+        outputs = sorted(out.iterdir())
+    else:
+        src = Path(pydicom.__file__).parent / "data" / "test_files" / source
+        task = "ct_denoise" if source.startswith("CT") else "mri_sr"
+        outputs = [inf.restore_file(torch.nn.Identity(), src, tmp_path / source, task=task, progress=False,
+                                    roi_size=(32, 32))]
+        inputs = [src]
+    allowed = set().union(*(_dciodvfy_errors(p) for p in inputs))
+    for written in outputs:
+        assert _dciodvfy_errors(written) <= allowed, written
+
+
 def test_real_compressed_ct_slice_from_pydicom_data(tmp_path):
     """A real 512 x 512 abdomen CT slice (JPEG 2000, signed) through a pointwise network, written uncompressed."""
     from medir_monai.data.demo import wheel_file

@@ -63,3 +63,22 @@ def test_shape_mismatch_is_rejected():
 def test_average_over_tasks():
     avg = mean_over_tasks({"a": {"psnr": 30.0, "ssim": 0.9, "rmse": 1.0}, "b": {"psnr": 40.0, "ssim": 0.8, "rmse": 3.0}})
     assert avg == pytest.approx({"psnr": 35.0, "ssim": 0.85, "rmse": 2.0})
+
+
+def test_infinite_psnr_slices_are_counted_and_reported_not_silently_dropped():
+    from medir_monai.handlers import TaskMetricCollector, format_report
+
+    collector = TaskMetricCollector()
+    row = {"ssim": 0.9, "rmse": 1.0, "monai_psnr": 30.0, "monai_ssim": 0.9, "lq_psnr": 20.0, "lq_ssim": 0.5, "lq_rmse": 3.0}
+    collector.rows = [
+        {"task": "ct_denoise", "file": "a", "psnr": 30.0, **row},
+        {"task": "ct_denoise", "file": "b", "psnr": float("inf"), **row},  # identical to its label
+        {"task": "mri_sr", "file": "c", "psnr": 25.0, **row},
+    ]
+    assert collector.per_task_means()["ct_denoise"]["psnr"] == 30.0
+    assert collector.infinite_counts() == {"ct_denoise": {"psnr": 1}}
+    report = format_report(collector.per_task_means(), "m", {"ct_denoise": 2, "mri_sr": 1}, collector.infinite_counts())
+    assert "infinite and left out of the means (task, metric, slices): ct_denoise psnr 1" in report
+    collector.rows = collector.rows[:1]
+    assert collector.infinite_counts() == {}
+    assert "infinite" not in format_report(collector.per_task_means(), "m", {"ct_denoise": 1}, collector.infinite_counts())

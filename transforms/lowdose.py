@@ -468,6 +468,13 @@ class LowDoseCT(Randomizable, Transform):
     Input ``(C, H, W)`` or ``(C, H, W, D)`` in HU; every ``(H, W)`` slice is simulated (batched).
     ``pixel_size_mm=None`` reads the spacing of a :class:`~monai.data.MetaTensor` (else 0.86 mm).
     Other arguments are those of :func:`simulate_low_dose_ct`. Seed with :meth:`set_random_state`.
+
+    ``dose_fraction`` is relative to the calibrated full dose ``i0`` (:data:`CT_FULL_DOSE_PHOTONS`), not to
+    the input's own dose, which a single image does not tell: the output carries the noise of a scan at
+    ``dose_fraction * i0`` photons **added to** the input's own noise (``insert_noise``), so
+    ``dose_fraction=1.0`` still adds the noise of a full-dose scan (the input is treated as noise-free). For a
+    pair at the input's dose and a fraction ``f`` of it, the added variance should be ``(1 / f - 1)`` times
+    the input's: pass ``dose_fraction = f / (1 - f)`` when the input itself is at the calibrated full dose.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]

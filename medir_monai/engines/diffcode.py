@@ -37,6 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..handlers.report import atomic_write_text
 from ..networks.blocks import crop_to_size, pad_to_multiple
+from ..networks.official import load_weights_file
 from ..tasks import get_task, task_names
 from . import unwrap
 
@@ -376,7 +377,7 @@ def load_stage_weights(module: nn.Module, path: str | os.PathLike, stage: str) -
     path = Path(path)
     if not path.is_file():
         raise MissingStageError(f"{path}: {stage} weights not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path)
     try:
         unwrap(module).load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -4,6 +4,7 @@ from .checkpoint import BestModelSaver, ResumableCheckpoint, atomic_save
 from .ema import EMAHandler, EMAModel
 from .metrics import TaskMeanMetric, TaskMetricCollector, task_metrics
 from .report import EvalReportHandler, ValidationSummaryHandler, format_report, write_metrics_csv
+from .safeguard import SafeguardHandler
 from .tensorboard import RoutingHandler, TaskImageHandler, display_image
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "EvalReportHandler",
     "ResumableCheckpoint",
     "RoutingHandler",
+    "SafeguardHandler",
     "EpochSeedHandler",
     "LearningRateLogger",
     "ProgressBar",

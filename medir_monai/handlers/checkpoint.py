@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from ..bundle import latest_checkpoint
+from ..networks.official import load_weights_file
 
 __all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState"]
 
@@ -129,7 +130,7 @@ class ResumableCheckpoint:
         if path is None:
             logger.info(f"no checkpoint in {self.save_dir}: training from scratch")
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_file(path)
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks {missing}; move it away to start from scratch")

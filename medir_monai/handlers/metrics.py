@@ -89,6 +89,16 @@ class TaskMetricCollector:
                     sums[row["task"]][name].append(row[name])
         return {t: {n: sum(v) / len(v) for n, v in m.items() if v} for t, m in sums.items()}
 
+    def infinite_counts(self) -> dict[str, dict[str, int]]:
+        """``{task: {metric: slices}}`` of the infinite values :meth:`per_task_means` leaves out (a PSNR of a
+        slice identical to its label); empty when there are none."""
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for row in self.rows:
+            for name in ROW_METRICS:
+                if name in row and math.isinf(row[name]):
+                    counts[row["task"]][name] += 1
+        return {t: dict(m) for t, m in counts.items()}
+
 
 class TaskMeanMetric(Metric):
     """Mean of one per-slice metric over one task (``task=None``: unweighted mean over tasks).

@@ -56,8 +56,12 @@ def write_metrics_csv(rows: list[dict], path: str | os.PathLike) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def format_report(means: dict[str, dict[str, float]], model_name: str = "model", counts: dict[str, int] | None = None) -> str:
-    """Markdown table: rows LQ input and the model; per task PSNR / SSIM / RMSE, then the average over tasks."""
+def format_report(means: dict[str, dict[str, float]], model_name: str = "model", counts: dict[str, int] | None = None,
+                  infinite: dict[str, dict[str, int]] | None = None) -> str:
+    """Markdown table: rows LQ input and the model; per task PSNR / SSIM / RMSE, then the average over tasks.
+
+    ``infinite`` (:meth:`~medir_monai.handlers.TaskMetricCollector.infinite_counts`): slices whose metric is infinite
+    (identical to the label), left out of the means and reported in a line under the slice counts."""
     tasks = sorted(means, key=lambda t: get_task(t).index)
     header = "| method | " + " | ".join(f"{t} PSNR | {t} SSIM | {t} RMSE ({get_task(t).unit})" for t in tasks)
     header += " | Average PSNR | Average SSIM |"
@@ -67,6 +71,12 @@ def format_report(means: dict[str, dict[str, float]], model_name: str = "model",
              "data range = max - min of the label slice; SSIM 11x11 Gaussian, zero padding. Mean over slices.", ""]
     if counts:
         lines.append("Slices: " + ", ".join(f"{t} {counts.get(t, 0)}" for t in tasks))
+        lines.append("")
+    if infinite:
+        notes = [f"{t} {metric} {n}" for t in sorted(infinite, key=lambda t: get_task(t).index)
+                 for metric, n in sorted(infinite[t].items())]
+        lines.append("Identical to the label, infinite and left out of the means (task, metric, slices): "
+                     + ", ".join(notes))
         lines.append("")
     lines += [header, sep]
     for label, prefix in (("LQ input", "lq_"), (model_name, "")):
@@ -106,7 +116,8 @@ class EvalReportHandler:
         counts: dict[str, int] = {}
         for row in rows:
             counts[row["task"]] = counts.get(row["task"], 0) + 1
-        report = format_report(self.collector.per_task_means(), self.model_name, counts)
+        report = format_report(self.collector.per_task_means(), self.model_name, counts,
+                               self.collector.infinite_counts())
         atomic_write_text(self.output_dir / "report.md", report)
         engine.logger.info("\n" + report)
 
@@ -147,7 +158,8 @@ class ValidationSummaryHandler:
         counts: dict[str, int] = {}
         for row in self.collector.rows:
             counts[row["task"]] = counts.get(row["task"], 0) + 1
-        report = format_report(self.collector.per_task_means(), self.model_name, counts)
+        report = format_report(self.collector.per_task_means(), self.model_name, counts,
+                               self.collector.infinite_counts())
         report = report.replace("# Evaluation of", f"# Validation at iteration {engine.state.iteration}:", 1)
         sources = demo_sources_of(self.collector.rows)
         if sources:

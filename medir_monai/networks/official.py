@@ -15,6 +15,7 @@ checkpoints written by this package.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +25,45 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "CheckpointError",
     "KeyRule",
+    "load_weights_file",
     "rename_state_dict",
     "unwrap_checkpoint",
     "load_official_state_dict",
     "to_official_state_dict",
     "CHECKPOINT_WRAPPER_KEYS",
 ]
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded as plain weights (unsafe pickle, corrupt or not a checkpoint)."""
+
+
+def load_weights_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu")`` with one-line errors naming the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the pickle would run code (it references objects other than tensors and containers:
+            refused, never executed), or the file is truncated, corrupt or not a PyTorch checkpoint.
+    """
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: checkpoint file does not exist")
+    try:
+        return torch.load(source, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" in first.lower():
+            raise CheckpointError(
+                f"{source}: refused: not plain weights, its pickle would run code (load it with "
+                f"weights_only=True only if you trust and convert it yourself)"
+            ) from None
+        raise CheckpointError(f"{source}: not a PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{source}: unreadable checkpoint, truncated or corrupt ({first})") from None
+
 
 #: keys under which training scripts commonly nest the weights of a checkpoint dictionary
 CHECKPOINT_WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "params_ema", "params", "net", "ema_model")
@@ -189,9 +222,7 @@ def load_official_state_dict(
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         source = os.fspath(path_or_state)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"load_official_state_dict: checkpoint file {source!r} does not exist.")
-        raw = torch.load(source, weights_only=True, map_location="cpu")
+        raw = load_weights_file(source)
     else:
         source = "path_or_state"
         raw = path_or_state
