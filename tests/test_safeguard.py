@@ -156,3 +156,8 @@ def test_quick_configs_turn_the_ct_safeguard_on_and_paper_configs_leave_it_off()
         assert json.loads((configs / "inference.json").read_text())["safeguard"] is None
         quick = json.loads((configs / "quick.json").read_text())["safeguard"]
         assert set(quick) == {"ct_denoise"} and RestorationSafeguard(quick)
+        # validation, evaluation and inference all apply it (the tables measure what medir restore writes)
+        assert '"medir_monai.handlers.SafeguardHandler"' in (configs / "train.json").read_text()
+        handlers = json.loads((configs / "evaluate.json").read_text())["validate#handlers"]
+        assert {"_target_": "medir_monai.handlers.SafeguardHandler", "settings": "@safeguard"} in handlers
+        assert json.loads((configs / "inference.json").read_text())["inferer"]["safeguard"] == "@safeguard"
