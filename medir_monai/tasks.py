@@ -184,7 +184,9 @@ register_task(
         display_window=(0.0, 5.0),
         display_invert=True,
         degradation="LowDosePET",
-        degradation_args={"dose_fraction": 1.0 / 12.0},
+        # a real full-dose PET without its pair keeps its own resolution and mean: LQ = HQ + simulated extra noise
+        # and counts in proportion to the slice's activity (a cold slice is noisier than a hot one)
+        degradation_args={"dose_fraction": 1.0 / 12.0, "mode": "insert_noise", "count_scaling": "activity"},
         air_threshold=0.05,
     )
 )

@@ -246,3 +246,46 @@ def test_disk_cache_writes_once_and_reads_back(tmp_path):
     assert len(files) == 1
     second = restoration_dataset(items, train=False, cache="disk", cache_dir=cache)[0]
     assert torch.equal(first["hq"], second["hq"]) and sorted(cache.glob("*.pt")) == files
+
+
+def test_hq_only_pet_items_get_lq_that_differs_by_counting_noise_only(tmp_path):
+    """A real full-dose PET given without its pair: LQ = HQ + the simulated extra noise of 1/12 dose, on the HQ's
+    own resolution and mean (no blur, no bias), unlike a re-projected reconstruction of it."""
+    from medir_monai.data.dataset import degradation_for
+    from medir_monai.transforms import LowDosePET
+
+    vol = np.zeros((96, 96, 3), np.float32)
+    yy, xx = np.mgrid[:96, :96]
+    body = (yy - 48) ** 2 + (xx - 48) ** 2 < 40**2  # a 32 cm body at 4 mm pixels
+    vol[body] = 1.5  # SUV
+    vol[(yy - 40) ** 2 + (xx - 56) ** 2 < 3**2] = 10.0  # a small hot lesion: blur would lower it
+    hq_path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([4.0, 4.0, 4.0, 1.0])), str(hq_path))
+    items = [{"task": "pet_synthesis", "hq": str(hq_path), "lq": None}]
+    ds = restoration_dataset(items, train=False, cache="none", seed=3)
+    suv = get_task("pet_synthesis").denormalise
+    pair = ds[1]
+    hq, lq = suv(pair["hq"][0]), suv(pair["lq"][0])
+    inside = torch.from_numpy(body)
+    assert float(lq[inside].mean() / hq[inside].mean()) == pytest.approx(1.0, abs=0.02)  # same mean within 2 %
+    noise = (lq - hq)[inside]
+    assert float(noise.std()) > 0.1  # 1/12 dose is noisy
+    # blur would leave a difference that follows the HQ's edges (its high-pass); noise does not
+    from monai.networks.layers import GaussianFilter
+
+    def edge_correlation(image: torch.Tensor) -> float:
+        edges = hq - GaussianFilter(2, 1.5)(hq[None, None])[0, 0]
+        diff = image - hq
+        return float(torch.corrcoef(torch.stack([diff.flatten(), edges.flatten()]))[0, 1])
+
+    assert abs(edge_correlation(lq)) < 0.15
+    assert float(lq[38:43, 54:59].mean()) == pytest.approx(float(hq[38:43, 54:59].mean()), abs=1.5)  # lesion kept
+    assert degradation_for("pet_synthesis").mode == "insert_noise"
+    # the reconstruction mode, for an activity phantom, blurs it (PSF + OSEM): the contrast with the above
+    recon = LowDosePET(dose_fraction=1.0 / 12.0, pixel_size_mm=4.0, mode="reconstruct")
+    recon.set_random_state(0)
+    blurred = recon(hq[None])[0]
+    assert edge_correlation(blurred) < -0.3
+    assert float(blurred[38:43, 54:59].mean()) < float(hq[38:43, 54:59].mean()) - 2.0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        LowDosePET(mode="simulate")

@@ -286,3 +286,36 @@ def test_pet_errors():
         simulate_pet_pair(np.ones((16, 16)), mu_map=np.zeros((8, 8)), num_views=30)
     with pytest.raises(KeyError, match="attenuation map key 'mu'"):
         LowDosePETd(keys="pet", mu_keys="mu")({"pet": np.ones((1, 16, 16))})
+
+
+def test_pet_counts_scale_with_activity_when_asked():
+    """count_scaling="activity": a slice with a quarter of the activity gets a quarter of the counts, so its
+    reconstruction is about twice as noisy (relative); "slice" (the demo's) gives every slice the same counts."""
+    from medir_monai.transforms import PET_FULL_COUNTS, PET_REFERENCE_ACTIVITY
+
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 24) ** 2 + (xx - 24) ** 2 < 18**2).astype(np.float32)
+    pixel = 2 * PET_SMALL["pixel_size_mm"]  # a larger field of view than PET_SMALL's for the same grid
+    settings = {**PET_SMALL, "pixel_size_mm": pixel, "randoms_fraction": 0.0}
+    hot, cold = 4.0 * disc, 1.0 * disc
+
+    core = ((yy - 24) ** 2 + (xx - 24) ** 2 < 12**2)
+
+    def relative_noise(activity, scaling, seed):  # from two realisations: the image's own shape cancels
+        first, _, counts = simulate_pet_pair(activity, rng=seed, count_scaling=scaling, return_counts=True, **settings)
+        second, _ = simulate_pet_pair(activity, rng=seed + 100, count_scaling=scaling, **settings)
+        noise = (first - second)[core].std() / np.sqrt(2)
+        return float(noise / first[core].mean()), float(counts["expected"].sum())
+
+    hot_noise, hot_counts = relative_noise(hot, "activity", 1)
+    cold_noise, cold_counts = relative_noise(cold, "activity", 2)
+    integral = float(hot.sum()) * pixel * pixel
+    assert hot_counts == pytest.approx(PET_FULL_COUNTS * integral / PET_REFERENCE_ACTIVITY, rel=1e-6)
+    assert cold_counts == pytest.approx(hot_counts / 4, rel=1e-6)
+    assert cold_noise / hot_noise == pytest.approx(2.0, rel=0.25)  # sqrt(4)
+    same_hot, same_hot_counts = relative_noise(hot, "slice", 1)
+    same_cold, same_cold_counts = relative_noise(cold, "slice", 2)
+    assert same_hot_counts == pytest.approx(same_cold_counts) == pytest.approx(PET_FULL_COUNTS)
+    assert same_cold / same_hot == pytest.approx(1.0, rel=0.2)
+    with pytest.raises(ValueError, match="count_scaling"):
+        simulate_pet_pair(hot, count_scaling="dose", **settings)

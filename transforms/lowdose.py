@@ -39,6 +39,7 @@ __all__ = [
     "CT_FULL_DOSE_PHOTONS",
     "MU_WATER_PER_MM",
     "PET_FULL_COUNTS",
+    "PET_REFERENCE_ACTIVITY",
     "LowDoseCT",
     "LowDoseCTd",
     "LowDosePET",
@@ -66,6 +67,18 @@ PET_FULL_COUNTS = 1.0e6
 """Expected prompts (trues + randoms) per 2-D slice at full dose. On a 256 x 256 body-sized phantom
 (2 mm pixels, 3 iterations x 6 subsets) the full-dose OSEM image has about 10 % noise (coefficient of
 variation) in a uniform region, like a clinical FDG scan, and the 1/12-dose one about 3.3 times more."""
+
+PET_REFERENCE_ACTIVITY = math.pi * 150.0**2
+"""Activity integral (activity unit x mm^2) of the slice that yields :data:`PET_FULL_COUNTS` expected prompts
+when ``count_scaling="activity"``: a 30 cm body at a mean SUV of 1 (70,686 SUV mm^2). Slices with less activity
+get proportionally fewer counts (noisier), hotter or larger ones more."""
+
+PET_COUNT_SCALINGS = ("slice", "activity")
+"""How :func:`simulate_pet_pair` sets the counts of a slice: ``full_counts`` per slice whatever its activity, or in
+proportion to the slice's activity integral (:data:`PET_REFERENCE_ACTIVITY`)."""
+
+PET_MODES = ("reconstruct", "insert_noise")
+"""What :class:`LowDosePET` returns: the low-dose reconstruction, or the input plus the simulated extra noise."""
 
 _SeedLike = int | np.random.RandomState | np.random.Generator | torch.Generator | None
 
@@ -301,6 +314,8 @@ def simulate_pet_pair(
     subsets: int = 6,
     num_views: int = 180,
     post_filter_fwhm_mm: float = 0.0,
+    count_scaling: str = "slice",
+    reference_activity: float = PET_REFERENCE_ACTIVITY,
     rng: _SeedLike = None,
     return_counts: bool = False,
     projector: ParallelBeamProjector | None = None,
@@ -330,6 +345,11 @@ def simulate_pet_pair(
         subsets: OSEM subsets (interleaved views).
         num_views: sinogram angles over 180 degrees.
         post_filter_fwhm_mm: Gaussian filter applied to both reconstructions (0: none).
+        count_scaling: ``"slice"``: every slice gets ``full_counts`` expected prompts whatever its activity (the
+            demo's phantoms); ``"activity"``: ``full_counts * (sum of activity x pixel area) / reference_activity``,
+            so a cold slice is noisier than a hot one, as in a real scan (the registry's default for HQ-only items).
+        reference_activity: activity integral (activity unit x mm^2) that gets ``full_counts`` with
+            ``count_scaling="activity"`` (:data:`PET_REFERENCE_ACTIVITY`).
         rng: seed (int), numpy random state / generator (a seed is drawn from it), torch generator, or None.
         return_counts: also return a dict of the count sinograms (see Returns).
         projector: a prebuilt projector with ``num_subsets == subsets`` (default: built and cached); its
@@ -348,6 +368,10 @@ def simulate_pet_pair(
         raise ValueError(f"full_counts and pixel_size_mm must be > 0, got {full_counts}, {pixel_size_mm}")
     if not 0.0 <= randoms_fraction < 1.0:
         raise ValueError(f"randoms_fraction must be in [0, 1), got {randoms_fraction}")
+    if count_scaling not in PET_COUNT_SCALINGS:
+        raise ValueError(f"count_scaling must be one of {PET_COUNT_SCALINGS}, got {count_scaling!r}")
+    if reference_activity <= 0:
+        raise ValueError(f"reference_activity must be > 0, got {reference_activity}")
     if iterations < 1 or subsets < 1 or batch_size < 1:
         raise ValueError(f"iterations, subsets and batch_size must be >= 1, got {iterations}, {subsets}, {batch_size}")
     x, added = _as_slices(activity, "activity")
@@ -371,6 +395,7 @@ def simulate_pet_pair(
         "randoms_fraction": randoms_fraction,
         "iterations": iterations,
         "post_filter_fwhm_mm": post_filter_fwhm_mm,
+        "counts_per_activity": full_counts / reference_activity if count_scaling == "activity" else None,
     }
     parts = [
         _pet_chunk(x[i : i + batch_size], None if mu is None else mu[i : i + batch_size], projector, gen, **settings)
@@ -398,6 +423,7 @@ def _pet_chunk(
     randoms_fraction: float,
     iterations: int,
     post_filter_fwhm_mm: float,
+    counts_per_activity: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Steps 1-4 of :func:`simulate_pet_pair` for a batch ``(B, H, W)`` of activity slices."""
     batch, pixel = x.shape[0], projector.pixel_size_mm
@@ -407,9 +433,12 @@ def _pet_chunk(
         attenuation = torch.exp(-projector.forward(mu.contiguous()))
     trues_shape = attenuation * projector.forward(gaussian_blur(x, psf_fwhm_mm, pixel))  # (B, V, D)
     total = trues_shape.sum(dim=(1, 2)).double()
-    scale = torch.where(total > 0, (1.0 - randoms_fraction) * full_counts / total.clamp_min(1e-30), 0.0)
+    prompts = torch.full((batch,), float(full_counts), dtype=torch.float64)  # expected prompts per slice
+    if counts_per_activity is not None:  # in proportion to the slice's activity integral
+        prompts = counts_per_activity * x.double().sum(dim=(1, 2)) * pixel * pixel
+    scale = torch.where(total > 0, (1.0 - randoms_fraction) * prompts / total.clamp_min(1e-30), 0.0)
     num_bins = projector.num_views * projector.num_detectors
-    randoms = torch.full_like(trues_shape, randoms_fraction * full_counts / num_bins, dtype=torch.float64)
+    randoms = (randoms_fraction * prompts / num_bins).view(batch, 1, 1).expand_as(trues_shape).clone()
     expected = scale.view(batch, 1, 1) * trues_shape.double() + randoms  # (B, V, D)
     full = torch.poisson(expected, generator=gen)
     low = torch.binomial(full, torch.full_like(full, dose_fraction), generator=gen)
@@ -562,10 +591,15 @@ class LowDoseCTd(Randomizable, MapTransform):
 class LowDosePET(Randomizable, Transform):
     """Simulate a reduced-dose PET reconstruction from an activity image (:func:`simulate_pet_pair`).
 
-    Returns the low-dose OSEM image; :class:`LowDosePETd` can also write the matching full-dose one
-    (same counts model and reconstruction), which is the consistent HQ target. Input ``(C, H, W)`` or
-    ``(C, H, W, D)``; every ``(H, W)`` slice is simulated (batched). ``pixel_size_mm=None`` reads the
-    spacing of a :class:`~monai.data.MetaTensor` (else 2 mm). Seed with :meth:`set_random_state`.
+    ``mode="reconstruct"``: returns the low-dose OSEM image of ``img`` taken as the activity;
+    :class:`LowDosePETd` can also write the matching full-dose one (same counts model and reconstruction),
+    the consistent HQ target. ``mode="insert_noise"`` (the registry's, for a real full-dose PET given without
+    its low-dose pair): returns ``img + (lq - hq)``, the input plus the difference of the two simulated
+    reconstructions, i.e. the extra counting noise of the reduced dose on the input's own resolution and mean,
+    as CT's ``insert_noise`` does; the input stays the HQ, and LQ and HQ differ by noise only (no blur, no bias).
+    Input ``(C, H, W)`` or ``(C, H, W, D)``; every ``(H, W)`` slice is simulated (batched).
+    ``pixel_size_mm=None`` reads the spacing of a :class:`~monai.data.MetaTensor` (else 2 mm). Seed with
+    :meth:`set_random_state`.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -581,7 +615,12 @@ class LowDosePET(Randomizable, Transform):
         subsets: int = 6,
         num_views: int = 180,
         post_filter_fwhm_mm: float = 0.0,
+        mode: str = "reconstruct",
+        count_scaling: str = "slice",
     ) -> None:
+        if mode not in PET_MODES:
+            raise ValueError(f"mode must be one of {PET_MODES}, got {mode!r}")
+        self.mode = mode
         self.kwargs = dict(
             dose_fraction=dose_fraction,
             full_counts=full_counts,
@@ -591,7 +630,10 @@ class LowDosePET(Randomizable, Transform):
             subsets=subsets,
             num_views=num_views,
             post_filter_fwhm_mm=post_filter_fwhm_mm,
+            count_scaling=count_scaling,
         )
+        if count_scaling not in PET_COUNT_SCALINGS:
+            raise ValueError(f"count_scaling must be one of {PET_COUNT_SCALINGS}, got {count_scaling!r}")
         self.pixel_size_mm = pixel_size_mm
         self._seed = 0
 
@@ -622,7 +664,13 @@ class LowDosePET(Randomizable, Transform):
         return hq, lq
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
-        return self.simulate_pair(img, randomize=randomize)[1]
+        hq, lq = self.simulate_pair(img, randomize=randomize)
+        if self.mode == "reconstruct":
+            return lq
+        inserted = convert_to_tensor(img, track_meta=False, dtype=torch.float32) + (
+            convert_to_tensor(lq, track_meta=False) - convert_to_tensor(hq, track_meta=False)
+        )
+        return convert_to_dst_type(inserted, img, dtype=torch.float32)[0]
 
 
 class LowDosePETd(Randomizable, MapTransform):
@@ -675,6 +723,13 @@ class LowDosePETd(Randomizable, MapTransform):
                 raise KeyError(f"attenuation map key {mu_key!r} (for key {key!r}) is not in the data")
             mu_map = d[mu_key] if mu_key is not None else None
             hq, lq = self.simulator.simulate_pair(d[key], mu_map=mu_map, randomize=True, name=f"key {key!r}")
+            if self.simulator.mode == "insert_noise":  # the input stays the HQ; LQ = input + extra noise
+                source = d[key]
+                lq = convert_to_dst_type(
+                    convert_to_tensor(source, track_meta=False, dtype=torch.float32)
+                    + (convert_to_tensor(lq, track_meta=False) - convert_to_tensor(hq, track_meta=False)),
+                    source, dtype=torch.float32)[0]
+                hq = source
             d[out_key] = lq
             if hq_key is not None:
                 d[hq_key] = hq
