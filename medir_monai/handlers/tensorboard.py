@@ -77,6 +77,33 @@ class TaskImageHandler(_WriterMixin):
         self._writer().flush()
 
 
+def routing_figure(share: torch.Tensor, tasks: list[str], title: str):
+    """A labelled tasks x experts figure of routing shares (``share[t, e]``: fraction of task ``t``'s tokens whose
+    top-1 expert is ``e``), each cell printed in percent, with a colour bar, like the papers' routing figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib.figure import Figure
+
+    share = torch.as_tensor(share).float().cpu()
+    num_tasks, num_experts = share.shape
+    fig = Figure(figsize=(1.2 + 1.1 * num_experts, 0.9 + 0.6 * num_tasks), dpi=100)
+    ax = fig.add_subplot()
+    shown = ax.imshow(share.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for t in range(num_tasks):
+        for e in range(num_experts):
+            value = float(share[t, e])
+            ax.text(e, t, f"{100 * value:.0f}%", ha="center", va="center", fontsize=9,
+                    color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(num_experts), [f"expert {e}" for e in range(num_experts)])
+    ax.set_yticks(range(num_tasks), tasks)
+    ax.set_xlabel("top-1 expert")
+    ax.set_title(f"{title}: share of each task's tokens per expert")
+    fig.colorbar(shown, ax=ax, label="share of tokens")
+    fig.tight_layout()
+    return fig
+
+
 class RoutingHandler(_WriterMixin):
     """Log AMIR's routing decisions and instruction vectors for one evaluation run.
 
@@ -163,7 +190,7 @@ class RoutingHandler(_WriterMixin):
         for srm, per_task in self.counts.items():
             tasks = sorted(per_task, key=lambda t: get_task(t).index)
             freq = torch.stack([per_task[t] / per_task[t].sum().clamp_min(1) for t in tasks])  # (tasks, experts)
-            writer.add_image(f"routing/srm{srm + 1}", freq[None], step, dataformats="CHW")
+            writer.add_figure(f"routing/srm{srm + 1}", routing_figure(freq, tasks, f"SRM {srm + 1}"), step)
             for t, row in zip(tasks, freq):
                 experts = torch.arange(self.num_experts).repeat_interleave((row * 1000).round().long())
                 if experts.numel():
