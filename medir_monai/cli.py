@@ -110,6 +110,37 @@ def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overri
     return parser
 
 
+def _check_inputs_against_profile(ckpt: Path, input_path: Path, task: str | None, strict: bool) -> None:
+    """Warn (or, ``strict``, refuse before anything is written) about inputs outside the checkpoint's training
+    profile (:mod:`medir_monai.data.profile`); a checkpoint without one gets a note that inputs are not checked."""
+    from .data.io import DataError
+    from .data.profile import check_scan
+    from .inference import list_inputs, read_scan, resolve_task, scan_pixel_size, task_unit_factor
+    from .networks.official import load_weights_file
+
+    saved = load_weights_file(ckpt)
+    profile = saved.get("training_profile") if isinstance(saved, dict) else None
+    if not profile:
+        print(f"medir restore: note: {ckpt} records no training profile (an older or external checkpoint): "
+              "inputs are not checked against what the model learnt from", file=sys.stderr)
+        if strict:
+            raise DataError(f"{ckpt}: --strict needs a checkpoint with a training profile (train it with this version)")
+        return
+    refused = []
+    for item in list_inputs(input_path):
+        path = Path(item["image"])
+        chosen = resolve_task(path, task)
+        scan = read_scan(path)
+        reasons = check_scan(profile, scan.array * task_unit_factor(scan, chosen), chosen.name, scan_pixel_size(scan))
+        if reasons:
+            print(f"medir restore: warning: {path} lies outside the model's training data ({chosen.name}): "
+                  f"{'; '.join(reasons)}", file=sys.stderr)
+            refused.append(str(path))
+    if strict and refused:
+        raise DataError(f"--strict: {len(refused)} input(s) outside the training data, nothing written: "
+                        f"{', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}")
+
+
 def _run_restore(args: argparse.Namespace) -> int:
     from .networks import load_official_state_dict
 
@@ -131,6 +162,7 @@ def _run_restore(args: argparse.Namespace) -> int:
     network = parser.get_parsed_content("network")
     load_official_state_dict(network, str(ckpt))
     network.eval()
+    _check_inputs_against_profile(ckpt, Path(args.input).expanduser(), args.task, args.strict)
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.run()
     for handler in parser.get_parsed_content("handlers"):
@@ -157,6 +189,9 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse inputs outside the model's training data (exit status 2, nothing written) instead "
+                   "of warning")
     p.add_argument("--no-safeguard", action="store_true",
                    help="write the network output as it is, without the config's consistency safeguard")
     p.set_defaults(func=_run_restore)

@@ -496,6 +496,21 @@ def _read_dicom(path: Path, kind: str) -> ScanImage:
     return ScanImage(array=array, path=path, kind=kind, modality=modality, source=datasets, files=files)
 
 
+def scan_pixel_size(scan: ScanImage) -> float | None:
+    """Mean in-plane pixel size of a scan in mm (NIfTI zooms, ITK spacing, DICOM PixelSpacing); ``None`` if unknown."""
+    try:
+        if scan.kind == "nifti":
+            zooms = scan.source.header.get_zooms()[:2]
+        elif scan.kind == "itk":
+            zooms = list(np.asarray(scan.source.get("spacing", scan.source.get("pixdim", [])), dtype=float))[:2]
+        else:
+            zooms = [float(v) for v in scan.source[0].PixelSpacing][:2]
+        values = [float(z) for z in zooms if float(z) > 0]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return float(np.mean(values)) if values else None
+
+
 def read_scan(path: str | os.PathLike) -> ScanImage:
     """Read a NIfTI file, an ITK image, a DICOM file or a DICOM series folder in physical units.
 

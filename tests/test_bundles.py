@@ -87,8 +87,11 @@ def test_train_then_evaluate(name, dataset, tmp_path):
     _run([cfg / "train.json"], **_overrides(name, dataset, tmp_path))
     models = tmp_path / "models"
     assert (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
-    state = torch.load(models / "model.pt", weights_only=True)
+    saved = torch.load(models / "model.pt", weights_only=True)
+    state, profile = saved["model"], saved["training_profile"]  # the weights and what their training data was like
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert set(profile["tasks"]) == {"mri_sr", "ct_denoise", "pet_synthesis"}
+    assert all(entry["slices"] == 3 and entry["grid"][0] > 0 for entry in profile["tasks"].values())
 
     # TensorBoard: loss terms, LR, per-task validation metrics and images (+ AMIR routing and embeddings)
     acc = _events(tmp_path / "runs")

@@ -35,7 +35,14 @@ __all__ = [
 ]
 
 # entry points of the bundle configs
-from .bundle_data import CheckFinited, build_dataset, list_images, prepare_dataset_dir, robust_augmentations  # noqa: E402
+from .bundle_data import (  # noqa: E402
+    CheckFinited,
+    build_dataset,
+    list_images,
+    prepare_dataset_dir,
+    robust_augmentations,
+    training_profile,
+)
 from .demo import default_demo_dir, ensure_demo_dataset  # noqa: E402
 
 __all__ += [
@@ -44,6 +51,7 @@ __all__ += [
     "list_images",
     "prepare_dataset_dir",
     "robust_augmentations",
+    "training_profile",
     "default_demo_dir",
     "ensure_demo_dataset",
 ]

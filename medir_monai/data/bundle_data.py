@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,3 +191,19 @@ class CheckFinited(MapTransform):
                 raise DataError(f"{name}: {bad} NaN/Inf values in {key!r}")
         return d
 
+
+def training_profile(dataset: Any, robust: Mapping[str, Any] | None = None,
+                     intensity_reference: Mapping[str, Any] | None = None) -> dict | None:
+    """The training profile of a bundle's training dataset (:func:`medir_monai.data.profile.profile_items` of its
+    items), stored with ``model.pt`` so ``medir restore`` can say when an input lies outside it. ``None`` (no
+    guard, with a warning in the log) when the items cannot be profiled."""
+    from .profile import profile_items
+
+    items = getattr(dataset, "data", None)
+    if not items:
+        return None
+    try:
+        return profile_items(items, robust=robust, intensity_reference=intensity_reference)
+    except Exception as err:  # the guard is an extra: never stop a training for it
+        logging.getLogger(__name__).warning(f"no training profile (inputs will not be checked): {err}")
+        return None

@@ -177,13 +177,18 @@ class BestModelSaver:
         network: module whose ``state_dict`` is saved (TAT: the EMA model).
         filename: file name (the bundle's ``model.pt``).
         higher_is_better: direction of the key metric.
+        profile: the training profile (:func:`medir_monai.data.profile.profile_items`) stored with the weights as
+            ``{"model": state_dict, "training_profile": profile}`` (``None``: a plain state dict). MONAI's
+            ``CheckpointLoader`` (``load_dict={"model": ...}``) and ``load_official_state_dict`` read both forms.
     """
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt", higher_is_better: bool = True):
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt", higher_is_better: bool = True,
+                 profile: dict | None = None):
         self.path = Path(save_dir) / filename
         self.network = network
         self.sign = 1.0 if higher_is_better else -1.0
         self.best: float | None = None
+        self.profile = profile
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far (kept in the training checkpoint so a resumed run does not regress)."""
@@ -205,5 +210,6 @@ class BestModelSaver:
             return
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best = value
-            atomic_save(_bare(self.network).state_dict(), self.path)
+            weights = _bare(self.network).state_dict()
+            atomic_save({"model": weights, "training_profile": self.profile} if self.profile else weights, self.path)
             logger.info(f"{name} improved to {value:.4f}: saved {self.path}")

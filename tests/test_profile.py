@@ -1,0 +1,122 @@
+"""Training profiles (``medir_monai.data.profile``): what the training data looked like, and the input guard of
+``medir restore`` (a warning naming the numbers; ``--strict`` refuses with exit status 2 and writes nothing)."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medir_monai.cli import main
+from medir_monai.data.profile import check_scan, profile_items, slice_statistics
+from medir_monai.handlers import BestModelSaver
+from medir_monai.networks import load_official_state_dict
+from medir_monai.networks.restormer import Restormer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_NET = {"network_def#dim": 8, "network_def#num_blocks": [1, 1, 1, 1], "network_def#num_refinement_blocks": 1,
+            "patch_size": [32, 32]}
+
+
+def _ct_slice(size: int, noise: float, seed: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    image = np.where(yy**2 + xx**2 < 0.4**2, 40.0, -1000.0).astype(np.float32)
+    image[(yy**2 + xx**2 < 0.1**2)] = 900.0  # bone-like insert
+    return image + np.random.default_rng(seed).normal(0, noise, image.shape).astype(np.float32)
+
+
+def _write(path: Path, image: np.ndarray, pixel_mm: float) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, np.diag([pixel_mm, pixel_mm, 1.0, 1.0])), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ct_items(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profile")
+    return [{"task": "ct_denoise", "hq": _write(root / f"hq{i}.nii.gz", _ct_slice(64, 0.0, i), 0.7),
+             "lq": _write(root / f"lq{i}.nii.gz", _ct_slice(64, 20.0, i), 0.7)} for i in range(3)]
+
+
+def test_profile_ranges_and_their_widening_by_robust_training(ct_items):
+    plain = profile_items(ct_items)["tasks"]["ct_denoise"]
+    assert plain["slices"] == 3
+    assert plain["pixel_size_mm"] == pytest.approx([0.7, 0.7])
+    assert plain["grid"] == [64.0, 64.0]
+    assert 15.0 < plain["noise_std"][0] <= plain["noise_std"][1] < 25.0  # the 20 HU inserted
+    robust = {"zoom_range": [0.5, 1.25], "ct_dose_range": [0.1, 1.0]}
+    wide = profile_items(ct_items, robust=robust)["tasks"]["ct_denoise"]
+    assert wide["pixel_size_mm"] == pytest.approx([0.7 / 1.25, 0.7 / 0.5])
+    assert wide["grid"] == pytest.approx([32.0, 80.0])
+    low, high = plain["noise_std"]
+    assert wide["noise_std"] == pytest.approx([low * 0.5 * np.sqrt(0.25 / 1.0), high * np.sqrt(0.25 / 0.1)])
+    normalised = profile_items(ct_items, intensity_reference={"ct_denoise": {"reference": 1.0}})
+    assert normalised["tasks"]["ct_denoise"]["intensity_p99"] is None
+    json.dumps(wide)  # stored in checkpoints: plain JSON-able values
+
+
+def test_check_scan_names_what_lies_outside(ct_items):
+    profile = profile_items(ct_items)
+    assert check_scan(profile, _ct_slice(64, 20.0, 7), "ct_denoise", 0.7) == []
+    reasons = check_scan(profile, _ct_slice(64, 20.0, 7), "ct_denoise", 0.96)
+    assert reasons == ["pixel size 0.96 mm outside the training range 0.70-0.70 mm"]
+    big_clean = check_scan(profile, _ct_slice(256, 3.0, 8), "ct_denoise", 0.7)
+    assert any(r.startswith("image size 256 pixels outside") for r in big_clean)
+    assert any(r.startswith("noise level") and "HU outside the training range" in r for r in big_clean)
+    volume = np.stack([_ct_slice(64, 20.0, k) for k in range(4)], axis=-1)  # (H, W, D): median over slices
+    assert check_scan(profile, volume, "ct_denoise", 0.7) == []
+    assert check_scan(profile, np.zeros((32, 32)), "mri_sr") == ["the model was not trained on mri_sr"]
+    assert check_scan(None, np.zeros((32, 32)), "mri_sr") == []  # no profile: nothing to say
+    stats = slice_statistics(_ct_slice(64, 0.0, 1), "ct_denoise")
+    assert stats["noise_std"] == 0.0 and "pixel_size_mm" not in stats
+
+
+def test_best_model_saver_stores_the_profile_and_loaders_read_both_forms(tmp_path, ct_items):
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    profile = profile_items(ct_items)
+    saver = BestModelSaver(str(tmp_path), net, profile=profile)
+    saver(SimpleNamespace(state=SimpleNamespace(key_metric_name="psnr", metrics={"psnr": 30.0})))
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["training_profile"] == profile and set(saved) == {"model", "training_profile"}
+    other = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    load_official_state_dict(other, tmp_path / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    third = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    loader = CheckpointLoader(load_path=str(tmp_path / "model.pt"), load_dict={"model": third}, map_location="cpu")
+    loader(Engine(lambda engine, batch: None))  # MONAI's loader, as in the bundles' inference.json
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), third.state_dict().values()))
+
+
+def test_medir_restore_warns_or_refuses_inputs_outside_the_profile(tmp_path, ct_items, capsys):
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    torch.save({"model": net.state_dict(), "training_profile": profile_items(ct_items)}, tmp_path / "guarded.pt")
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY_NET))
+    inside = _write(tmp_path / "in" / "inside.nii.gz", _ct_slice(64, 20.0, 5), 0.7)
+    outside = _write(tmp_path / "out_of_range" / "wide.nii.gz", _ct_slice(64, 20.0, 6), 0.96)
+
+    def restore(ckpt, src, out, *extra):
+        return main(["restore", "--bundle", str(REPO / "bundles" / "restormer"), "--config", str(tiny), "--checkpoint",
+                     str(tmp_path / ckpt), "--input", src, "--output", str(tmp_path / out), "--task", "ct_denoise",
+                     *extra])
+
+    assert restore("guarded.pt", inside, "a") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert restore("guarded.pt", outside, "b") == 0  # written, with one warning naming the numbers
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "pixel size 0.96 mm outside the training range 0.70-0.70 mm" in warnings[0]
+    assert (tmp_path / "b" / "wide_restored.nii.gz").is_file()
+    assert restore("guarded.pt", outside, "c", "--strict") == 2  # refused: nothing written
+    assert "--strict" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert restore("guarded.pt", inside, "d", "--strict") == 0
+    assert restore("plain.pt", outside, "e") == 0  # an older checkpoint: restored as before, with a note
+    assert "records no training profile" in capsys.readouterr().err
