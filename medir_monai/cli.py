@@ -157,8 +157,10 @@ def _run_restore(args: argparse.Namespace) -> int:
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     if not ckpt.is_file():
         raise ValueError(f"{ckpt}: no trained weights (train the bundle first or pass --checkpoint)")
-    # the weights are loaded here (also the authors' checkpoints), so drop the bundle's CheckpointLoader
-    parser["handlers"] = [h for h in parser["handlers"] if "CheckpointLoader" not in str(h.get("_target_", ""))]
+    # the weights are loaded here (also the authors' checkpoints), so drop the bundle's CheckpointLoader; inputs are
+    # checked against the training profile here too, all of them before anything is written, so drop its InputGuard
+    parser["handlers"] = [h for h in parser["handlers"]
+                          if not any(name in str(h.get("_target_", "")) for name in ("CheckpointLoader", "InputGuard"))]
     network = parser.get_parsed_content("network")
     load_official_state_dict(network, str(ckpt))
     network.eval()

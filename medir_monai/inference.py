@@ -1017,6 +1017,47 @@ class ScanInferer(Inferer):
         return restore_array(network, inputs, task, **self.kwargs)
 
 
+class InputGuard:
+    """Evaluator handler checking each scan against the checkpoint's training profile before it is restored
+    (:func:`medir_monai.data.profile.check_scan`): a warning naming the numbers, or with ``strict`` a
+    :class:`~medir_monai.data.io.DataError` before anything of that scan is written.
+
+    Args:
+        checkpoint: the weights file (``model.pt``); one without a ``training_profile`` gets a note and no checks.
+        strict: refuse scans outside the profile instead of warning.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, strict: bool = False):
+        from medir_monai.networks.official import load_weights_file
+
+        self.checkpoint = Path(checkpoint)
+        saved = load_weights_file(self.checkpoint) if self.checkpoint.is_file() else None
+        self.profile = saved.get("training_profile") if isinstance(saved, dict) else None
+        self.strict = bool(strict)
+        self.warnings: list[str] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.profile is None:
+            engine.logger.warning(f"{self.checkpoint} records no training profile: inputs are not checked")
+            return
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        from medir_monai.data.profile import check_scan
+
+        item = engine.state.batch[0]
+        reasons = check_scan(self.profile, item["image"], item["task"], scan_pixel_size(item["scan"]))
+        if not reasons:
+            return
+        message = f"{item['path']} lies outside the model's training data ({item['task']}): {'; '.join(reasons)}"
+        if self.strict:
+            raise DataError(f"strict: {message}; nothing written for it")
+        self.warnings.append(message)
+        engine.logger.warning(message)
+
+
 class RestoredScanWriter:
     """Evaluator handler writing each restored scan like its input (:func:`write_scan`, atomic) into ``output_dir``."""
 

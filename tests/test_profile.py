@@ -120,3 +120,39 @@ def test_medir_restore_warns_or_refuses_inputs_outside_the_profile(tmp_path, ct_
     assert restore("guarded.pt", inside, "d", "--strict") == 0
     assert restore("plain.pt", outside, "e") == 0  # an older checkpoint: restored as before, with a note
     assert "records no training profile" in capsys.readouterr().err
+
+
+def test_bundle_inference_warns_or_refuses_through_its_input_guard(tmp_path, ct_items):
+    """``python -m monai.bundle run`` with inference.json: the InputGuard handler logs the same reasons, and
+    ``--strict true`` stops before the scan is written."""
+    from monai.bundle import ConfigWorkflow
+
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    torch.save({"model": net.state_dict(), "training_profile": profile_items(ct_items)}, tmp_path / "model.pt")
+    _write(tmp_path / "in" / "wide.nii.gz", _ct_slice(64, 20.0, 6), 0.96)
+    configs = [str(REPO / "bundles" / "restormer" / "configs" / "inference.json")]
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY_NET))
+
+    def run(out: str, strict: bool):
+        workflow = ConfigWorkflow(config_file=configs + [str(tiny)], workflow_type="infer", ckpt_path=str(tmp_path / "model.pt"),
+                                  dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / out), task="ct_denoise",
+                                  strict=strict)
+        workflow.initialize()
+        guard = next(h for h in workflow.parser.get_parsed_content("handlers") if type(h).__name__ == "InputGuard")
+        return workflow, guard
+
+    workflow, guard = run("warned", False)
+    workflow.run()
+    assert guard.warnings == [f"{tmp_path / 'in' / 'wide.nii.gz'} lies outside the model's training data (ct_denoise): "
+                              "pixel size 0.96 mm outside the training range 0.70-0.70 mm"]
+    assert (tmp_path / "warned" / "wide_restored.nii.gz").is_file()
+    workflow, guard = run("refused", True)
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    causes, cause = [], raised.value
+    while cause is not None:  # MONAI wraps errors raised in an evaluator
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any(c.startswith("strict: ") and "pixel size 0.96 mm" in c for c in causes), causes
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
