@@ -3,6 +3,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -74,8 +75,6 @@ def test_check_scan_names_what_lies_outside(ct_items):
 
 
 def test_best_model_saver_stores_the_profile_and_loaders_read_both_forms(tmp_path, ct_items):
-    from types import SimpleNamespace
-
     from ignite.engine import Engine
     from monai.handlers import CheckpointLoader
 
@@ -156,3 +155,22 @@ def test_bundle_inference_warns_or_refuses_through_its_input_guard(tmp_path, ct_
         cause = cause.__cause__ or cause.__context__
     assert any(c.startswith("strict: ") and "pixel size 0.96 mm" in c for c in causes), causes
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+def test_monai_ckpt_export_reads_a_profiled_model_pt_with_key_in_ckpt(tmp_path, ct_items):
+    """The bundle docs' export command (``--key_in_ckpt model``) works on the model.pt a bundle training writes."""
+    from monai.bundle import ckpt_export
+
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1)
+    saver = BestModelSaver(str(tmp_path), net, profile=profile_items(ct_items))
+    saver(SimpleNamespace(state=SimpleNamespace(key_metric_name="psnr", metrics={"psnr": 1.0})))
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY_NET))
+    configs = REPO / "bundles" / "restormer" / "configs"
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+                key_in_ckpt="model", meta_file=str(configs / "metadata.json"),
+                config_file=[str(configs / "inference.json"), str(tiny)], use_trace=True, input_shape=[1, 1, 32, 32])
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), net.eval()(x), atol=1e-5)
