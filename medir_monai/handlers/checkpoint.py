@@ -10,8 +10,9 @@ with ``torch.load(weights_only=True)``.
   state) as ``checkpoint_iteration=N.pt`` and keeps the newest ``n_saved``; when the trainer starts and a checkpoint
   is present it resumes from the newest one, so rerunning the same command continues an interrupted run, with the
   same batches, crops and MoE gating noise an uninterrupted run would have seen.
-* :class:`BestModelSaver` (evaluator): writes ``model.pt`` (weights only: the network or its EMA) whenever the
-  evaluator's key metric improves, and ``model_final.pt`` is written by the trainer checkpoint at the end.
+* :class:`BestModelSaver` (evaluator): writes ``model.pt`` (the weights of the network or its EMA, with the
+  training profile when one is given) whenever the evaluator's key metric improves, and ``model_final.pt`` is
+  written by the trainer checkpoint at the end.
 """
 
 from __future__ import annotations
