@@ -174,3 +174,18 @@ def test_monai_ckpt_export_reads_a_profiled_model_pt_with_key_in_ckpt(tmp_path, 
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(exported(x), net.eval()(x), atol=1e-5)
+
+
+def test_profile_reads_volume_slices_as_the_training_datasets_do(tmp_path):
+    """A 3-D volume stored in another orientation: the profile measures the slices the dataset trains on (RAS,
+    sliced along the last axis), not the file's own last axis."""
+    from medir_monai.data import expand_to_slices, restoration_dataset
+
+    volume = np.full((6, 40, 24), 40.0, np.float32)  # file axes: (slice, rows, columns)
+    affine = np.array([[0, 0, 0.5, 0], [0, 0.5, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # axis 0 is S-I
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "ct.nii.gz"))
+    items = expand_to_slices([{"task": "ct_denoise", "hq": str(tmp_path / "ct.nii.gz"), "lq": str(tmp_path / "ct.nii.gz")}])
+    sample = restoration_dataset(items, train=False, cache="none")[0]
+    entry = profile_items(items)["tasks"]["ct_denoise"]
+    assert entry["grid"] == [float(max(sample["hq"].shape[1:]))] * 2 == [40.0, 40.0]
+    assert entry["pixel_size_mm"] == pytest.approx([0.5, 0.5])  # in-plane, not the 3 mm slice gap

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..tasks import get_task
-from .io import load_image
+from .dataset import _cached_volume, _take_slice
+from .layout import WHOLE_FILE
 
 __all__ = ["PROFILE_VERSION", "check_scan", "profile_items", "slice_statistics"]
 
@@ -75,14 +76,14 @@ def _spread(items: Sequence[dict], count: int) -> list[dict]:
 
 
 def _item_slice(item: Mapping) -> tuple[torch.Tensor, float | None]:
+    """The item's LQ (else HQ) slice as the training datasets read it (RAS volume, slice along the last axis)
+    and its mean in-plane spacing; an item not yet cut into slices gives its middle slice."""
     key = "lq" if item.get("lq") is not None else "hq"
-    volume = load_image(item[key], ndim=(2, 3))
-    spacing = float(np.mean([float(v) for v in volume.pixdim[:2]])) if hasattr(volume, "pixdim") else None
-    data = volume.as_tensor() if hasattr(volume, "as_tensor") else torch.as_tensor(volume)
-    index = int(item.get("slice", -1))
+    volume, spacing = _cached_volume(str(item[key]), "RAS")
+    data = _take_slice(volume, int(item.get("slice", WHOLE_FILE)))
     if data.ndim == 3:
-        data = data[..., index if index >= 0 else data.shape[-1] // 2]
-    return data.float(), spacing
+        data = data[..., data.shape[-1] // 2]
+    return data.float(), (float(np.mean(spacing)) if spacing else None)
 
 
 def _widen(low: float, high: float, factors: tuple[float, float]) -> list[float]:
