@@ -319,3 +319,20 @@ def test_pet_counts_scale_with_activity_when_asked():
     assert same_cold / same_hot == pytest.approx(1.0, rel=0.2)
     with pytest.raises(ValueError, match="count_scaling"):
         simulate_pet_pair(hot, count_scaling="dose", **settings)
+
+
+def test_pet_insert_noise_mode_is_the_same_in_the_array_and_dict_transforms():
+    """mode="insert_noise": HQ is the input itself, LQ the input plus the simulated extra noise (zero mean), and
+    LowDosePET / LowDosePETd give the same LQ for the same seed."""
+    from medir_monai.transforms import LowDosePET, LowDosePETd
+
+    activity = torch.zeros(1, 48, 48)
+    activity[:, 8:40, 8:40] = 2.0
+    settings = {**PET_SMALL, "mode": "insert_noise"}
+    array_form = LowDosePET(**settings).set_random_state(4)
+    dict_form = LowDosePETd(keys="activity", output_keys="lq", hq_output_keys="hq", **settings).set_random_state(4)
+    lq = array_form(activity)
+    pair = dict_form({"activity": activity})
+    assert pair["hq"] is activity and torch.equal(pair["lq"], lq)
+    noise = (lq - activity)[:, 10:38, 10:38]
+    assert float(noise.std()) > 0.05 and abs(float(noise.mean())) < 0.1

@@ -663,14 +663,20 @@ class LowDosePET(Randomizable, Transform):
         lq = convert_to_dst_type(restore(lq), img, dtype=torch.float32)[0]
         return hq, lq
 
-    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
-        hq, lq = self.simulate_pair(img, randomize=randomize)
+    def pair_for_mode(
+        self, img: NdarrayOrTensor, mu_map: NdarrayOrTensor | None = None, randomize: bool = True, name: str = "image"
+    ) -> tuple[NdarrayOrTensor, NdarrayOrTensor]:
+        """``(hq, lq)`` as this transform's ``mode`` defines them: the two reconstructions (``"reconstruct"``), or
+        ``img`` itself and ``img + (lq - hq)`` (``"insert_noise"``)."""
+        hq, lq = self.simulate_pair(img, mu_map=mu_map, randomize=randomize, name=name)
         if self.mode == "reconstruct":
-            return lq
-        inserted = convert_to_tensor(img, track_meta=False, dtype=torch.float32) + (
-            convert_to_tensor(lq, track_meta=False) - convert_to_tensor(hq, track_meta=False)
-        )
-        return convert_to_dst_type(inserted, img, dtype=torch.float32)[0]
+            return hq, lq
+        source = convert_to_tensor(img, track_meta=False, dtype=torch.float32)
+        extra_noise = convert_to_tensor(lq, track_meta=False) - convert_to_tensor(hq, track_meta=False)
+        return img, convert_to_dst_type(source + extra_noise, img, dtype=torch.float32)[0]
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
+        return self.pair_for_mode(img, randomize=randomize)[1]
 
 
 class LowDosePETd(Randomizable, MapTransform):
@@ -722,14 +728,7 @@ class LowDosePETd(Randomizable, MapTransform):
             if mu_key is not None and mu_key not in d:
                 raise KeyError(f"attenuation map key {mu_key!r} (for key {key!r}) is not in the data")
             mu_map = d[mu_key] if mu_key is not None else None
-            hq, lq = self.simulator.simulate_pair(d[key], mu_map=mu_map, randomize=True, name=f"key {key!r}")
-            if self.simulator.mode == "insert_noise":  # the input stays the HQ; LQ = input + extra noise
-                source = d[key]
-                lq = convert_to_dst_type(
-                    convert_to_tensor(source, track_meta=False, dtype=torch.float32)
-                    + (convert_to_tensor(lq, track_meta=False) - convert_to_tensor(hq, track_meta=False)),
-                    source, dtype=torch.float32)[0]
-                hq = source
+            hq, lq = self.simulator.pair_for_mode(d[key], mu_map=mu_map, randomize=True, name=f"key {key!r}")
             d[out_key] = lq
             if hq_key is not None:
                 d[hq_key] = hq
