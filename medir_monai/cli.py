@@ -112,15 +112,13 @@ def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overri
 
 def _check_inputs_against_profile(ckpt: Path, input_path: Path, task: str | None, strict: bool) -> None:
     """Warn (or, ``strict``, refuse before anything is written) about inputs outside the checkpoint's training
-    profile (:mod:`medir_monai.data.profile`); a checkpoint without one gets a note that inputs are not checked."""
+    profile (the bundles' :class:`~medir_monai.inference.InputGuard`, applied to every input first); a checkpoint
+    without one gets a note that inputs are not checked."""
     from .data.io import DataError
-    from .data.profile import check_scan
-    from .inference import list_inputs, read_scan, resolve_task, scan_pixel_size, task_unit_factor
-    from .networks.official import load_weights_file
+    from .inference import InputGuard, list_inputs, read_scan, resolve_task, task_unit_factor
 
-    saved = load_weights_file(ckpt)
-    profile = saved.get("training_profile") if isinstance(saved, dict) else None
-    if not profile:
+    guard = InputGuard(ckpt, strict=strict)
+    if not guard.profile:
         print(f"medir restore: note: {ckpt} records no training profile (an older or external checkpoint): "
               "inputs are not checked against what the model learnt from", file=sys.stderr)
         if strict:
@@ -131,10 +129,9 @@ def _check_inputs_against_profile(ckpt: Path, input_path: Path, task: str | None
         path = Path(item["image"])
         chosen = resolve_task(path, task)
         scan = read_scan(path)
-        reasons = check_scan(profile, scan.array * task_unit_factor(scan, chosen), chosen.name, scan_pixel_size(scan))
-        if reasons:
-            print(f"medir restore: warning: {path} lies outside the model's training data ({chosen.name}): "
-                  f"{'; '.join(reasons)}", file=sys.stderr)
+        message = guard.check(path, scan.array * task_unit_factor(scan, chosen), chosen.name, scan)
+        if message:
+            print(f"medir restore: warning: {message}", file=sys.stderr)
             refused.append(str(path))
     if strict and refused:
         raise DataError(f"--strict: {len(refused)} input(s) outside the training data, nothing written: "

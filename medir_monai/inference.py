@@ -1044,14 +1044,18 @@ class InputGuard:
             return
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
-    def __call__(self, engine: Any) -> None:
+    def check(self, path: str | os.PathLike, image: Any, task: str, scan: ScanImage) -> str | None:
+        """One message naming what lies outside the profile for this scan (physical units), or ``None``."""
         from medir_monai.data.profile import check_scan
 
+        reasons = check_scan(self.profile, image, task, scan_pixel_size(scan))
+        return f"{path} lies outside the model's training data ({task}): {'; '.join(reasons)}" if reasons else None
+
+    def __call__(self, engine: Any) -> None:
         item = engine.state.batch[0]
-        reasons = check_scan(self.profile, item["image"], item["task"], scan_pixel_size(item["scan"]))
-        if not reasons:
+        message = self.check(item["path"], item["image"], item["task"], item["scan"])
+        if message is None:
             return
-        message = f"{item['path']} lies outside the model's training data ({item['task']}): {'; '.join(reasons)}"
         if self.strict:
             raise DataError(f"strict: {message}; nothing written for it")
         self.warnings.append(message)
