@@ -36,6 +36,7 @@ from medir_monai.data.demo import demo_sources  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
 from medir_monai.inference import restore_array  # noqa: E402
 from medir_monai.metrics import monai_metrics, paper_metrics  # noqa: E402
+from medir_monai.safeguard import RestorationSafeguard  # noqa: E402
 from medir_monai.tasks import get_task  # noqa: E402
 
 TASKS = ("mri_sr", "ct_denoise", "pet_synthesis")
@@ -92,7 +93,7 @@ def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int
     task = get_task(source["task"])
     patch = parser.get_parsed_content("patch_size")
     reference = parser.get_parsed_content("intensity_reference")
-    safeguard = parser.get_parsed_content("safeguard")
+    guard = RestorationSafeguard(parser.get_parsed_content("safeguard"))
     rows = {"lq": [], "restored": [], "unguarded": []}
     items = source["items"]
     if max_slices is not None and len(items) > max_slices:
@@ -102,8 +103,7 @@ def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int
         hq = load_image(item["hq"], ndim=(2,)).as_tensor().float()
         unguarded = restore_array(network, lq, task, roi_size=patch, overlap=0.25, sw_batch_size=1,
                                   progress=False, intensity_reference=reference)
-        restored = restore_array(network, lq, task, roi_size=patch, overlap=0.25, sw_batch_size=1,
-                                 progress=False, intensity_reference=reference, safeguard=safeguard)
+        restored = guard(lq, unguarded, task) if guard else unguarded  # what restore_array(safeguard=...) returns
         for key, image in (("lq", lq), ("restored", restored), ("unguarded", unguarded)):
             m = paper_metrics(image[None], hq[None], task, normalised=False)
             m.update(monai_metrics(image[None], hq[None], task, normalised=False))

@@ -31,6 +31,7 @@ from medir_monai.data.io import load_image  # noqa: E402
 from medir_monai.deploy.models import load_bundle_network  # noqa: E402
 from medir_monai.inference import restore_array  # noqa: E402
 from medir_monai.metrics import paper_metrics  # noqa: E402
+from medir_monai.safeguard import RestorationSafeguard  # noqa: E402
 from medir_monai.tasks import get_task  # noqa: E402
 from medir_monai.transforms import kspace_truncate, simulate_low_dose_ct  # noqa: E402
 
@@ -80,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     patch = info["roi_size"]
     start = time.perf_counter()
 
-    def restore(lq, task, safeguard=None):
+    def restore(lq, task):
         return restore_array(network, lq, task, roi_size=patch, progress=False, sw_batch_size=4,
-                             intensity_reference=reference, safeguard=safeguard)
+                             intensity_reference=reference)
+
+    def guarded(settings, lq, restored, task):  # what restore_array(safeguard=settings) returns, network run once
+        return RestorationSafeguard(settings)(torch.as_tensor(lq), torch.as_tensor(restored), task)
 
     print(f"# benchmarks/safeguard.py  {time.strftime('%Y-%m-%d')}  {bundle.name}, {config.name}, "
           f"{info['checkpoint']}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
@@ -99,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             hq = _block_mean(hu, factor)
             lq = np.asarray(simulate_low_dose_ct(hq, dose_fraction=dose, pixel_size_mm=spacing[0] * factor,
                                                  mode="insert_noise", num_views=views, rng=1))
-            result = {"lq": _metrics(lq, hq, ct), "net": _metrics(restore(lq, ct), hq, ct)}
+            restored = restore(lq, ct)
+            result = {"lq": _metrics(lq, hq, ct), "net": _metrics(restored, hq, ct)}
             if ct_guard:
-                result["guarded"] = _metrics(restore(lq, ct, ct_guard), hq, ct)
+                result["guarded"] = _metrics(guarded(ct_guard, lq, restored, ct), hq, ct)
             label = f"{source.name}, {hq.shape[0]} x {hq.shape[1]} at {spacing[0] * factor:.2f} mm, {dose}, {views}"
             print(_row(label, [result]))
 
@@ -127,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs[source.name] = [(kspace_truncate(torch.as_tensor(planes[i]).float()[None], 0.25)[0],
                                torch.as_tensor(planes[i]).float()) for i in picks]
     for name, slices in pairs.items():
-        results = [{"lq": _metrics(lq, hq, mr), "net": _metrics(restore(lq, mr), hq, mr),
-                    "kspace": _metrics(restore(lq, mr, KSPACE), hq, mr)} for lq, hq in slices]
+        results = []
+        for lq, hq in slices:
+            restored = restore(lq, mr)
+            results.append({"lq": _metrics(lq, hq, mr), "net": _metrics(restored, hq, mr),
+                            "kspace": _metrics(guarded(KSPACE, lq, restored, mr), hq, mr)})
         print(_row(name, results))
     print(f"\n# total {time.perf_counter() - start:.0f} s")
     return 0
