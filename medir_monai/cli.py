@@ -88,6 +88,70 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
 register_command("demo-data", _add_demo_data)
 
 
+# ---- prepare: the papers' public datasets -> the authors' layout -------------------------------------------
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    common = dict(out=args.out, seed=args.seed, progress=not args.quiet)
+    if args.split is not None:
+        common["split"] = prepare.parse_split(args.split)
+    if args.dataset == "ixi":
+        layout = prepare.prepare_ixi(args.input, **common)
+    elif args.dataset == "mayo":
+        names = lambda text: [n for n in (text or "").split(",") if n]  # noqa: E731
+        layout = prepare.prepare_mayo(
+            args.input, test=None if args.test is None else names(args.test), validation=names(args.validation),
+            thickness=args.thickness, kernel=args.kernel, **common,
+        )
+    else:
+        layout = prepare.prepare_pet(args.hq, lq_dir=args.lq, **common)
+    print(layout.summary())
+    print(f"subject -> split and settings: {layout.manifest_path}")
+    print(f"train on it: python -m monai.bundle run training --config_file bundles/amir/configs/train.json "
+          f"--dataset_dir {layout.out}")
+    return 0
+
+
+def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="the papers' public datasets (IXI, AAPM-Mayo, PET) -> train/validation/test folders",
+        description=(
+            "Read a downloaded public dataset and write the papers' slices in the authors' layout "
+            "<out>/<MRI|CT|PET>/<train|validation|test>/<LQ|HQ>/, split by subject / patient, with <out>/prepare.json "
+            "saying which subject went where. Resumable (a rerun skips finished subjects); never overwrites. "
+            "Nothing is downloaded."
+        ),
+    )
+    sub = p.add_subparsers(dest="dataset", metavar="DATASET")
+    sub.required = True
+
+    def common(q: argparse.ArgumentParser, split_help: str) -> None:
+        q.add_argument("--out", required=True, help="output folder (new or empty; or an earlier run to resume)")
+        q.add_argument("--split", default=None, help=split_help)
+        q.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle (and of simulated noise)")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.set_defaults(func=_run_prepare)
+
+    ixi = sub.add_parser("ixi", help="IXI T2 MRI: central 100 axial slices, 4x k-space truncated LQ")
+    ixi.add_argument("--input", required=True, help="folder of IXI<id>-<site>-<n>-T2.nii.gz files")
+    common(ixi, "subjects per split as fractions (default 0.7,0.1,0.2) or counts (e.g. 405,59,114 for all 578)")
+    mayo = sub.add_parser("mayo", help="AAPM-Mayo 2016 / TCIA LDCT: full and quarter dose paired by slice position")
+    mayo.add_argument("--input", required=True, help="the release folder (patients L067, ...; DICOM .IMA / .dcm)")
+    mayo.add_argument("--test", default=None, help="comma-separated test patients (default: L506 when present)")
+    mayo.add_argument("--validation", default="", help="comma-separated validation patients")
+    mayo.add_argument("--thickness", type=float, default=None, help="slice thickness to use (mm), when several")
+    mayo.add_argument("--kernel", default=None, help="reconstruction kernel to use (e.g. B30f), when several")
+    common(mayo, "patients per split as fractions (default 0.8,0.1,0.1) or counts")
+    pet = sub.add_parser("pet", help="PET volumes in SUV: 192x400 slices along the papers' axis, air dropped")
+    pet.add_argument("--hq", required=True, help="folder of full-dose volumes (NIfTI in SUV, or DICOM series folders)")
+    pet.add_argument("--lq", default=None, help="folder of low-dose volumes with the same names (default: simulate 1/12 dose)")
+    common(pet, "subjects per split as fractions (default 0.7,0.1,0.2) or counts")
+
+
+register_command("prepare", _add_prepare)
+
+
 # ---- bundles: restore / compare / interference ---------------------------------------------------------
 def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overrides: dict):
     """A MONAI ConfigParser over ``<bundle>/configs/<config>`` plus extra config files, with ``bundle_root`` set."""

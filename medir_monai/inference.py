@@ -72,8 +72,12 @@ __all__ = [
     "output_path_for",
     "check_output_path",
     "task_unit_factor",
+    "suv_factor",
     "input_kind",
     "list_inputs",
+    "read_dicom_header",
+    "dicom_plane",
+    "looks_like_dicom",
     "LoadScand",
     "prepare_scan_batch",
     "ScanInferer",
@@ -273,7 +277,7 @@ def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
     return path.name.lower().endswith(tuple(suffixes))
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
     """A DICOM Part 10 file: 128-byte preamble then ``DICM``."""
     try:
         with open(path, "rb") as f:
@@ -296,7 +300,7 @@ def input_kind(path: str | os.PathLike) -> str:
         return "dicom_series"
     if _has_suffix(path, NIFTI_SUFFIXES):
         return "nifti"
-    if _has_suffix(path, DICOM_SUFFIXES) or _looks_like_dicom(path):
+    if _has_suffix(path, DICOM_SUFFIXES) or looks_like_dicom(path):
         return "dicom"
     if _has_suffix(path, ITK_SUFFIXES):
         return "itk"
@@ -315,7 +319,7 @@ def _dicom_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_dicom_header(path: Path, stop_before_pixels: bool = True):
+def read_dicom_header(path: Path, stop_before_pixels: bool = True):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -329,7 +333,7 @@ def _read_dicom_header(path: Path, stop_before_pixels: bool = True):
 
 def _modality_of(path: Path) -> str | None:
     first = path if path.is_file() else _dicom_files(path)[0]
-    modality = str(getattr(_read_dicom_header(first), "Modality", "") or "").strip().upper()
+    modality = str(getattr(read_dicom_header(first), "Modality", "") or "").strip().upper()
     return modality or None
 
 
@@ -459,7 +463,7 @@ def _check_one_series(datasets: list, files: list[Path], folder: Path) -> None:
             raise DataError(f"{folder}: mixed series: files differ in {tag} ({detail}); put one series per folder")
 
 
-def _dicom_plane(ds, path: Path) -> np.ndarray:
+def dicom_plane(ds, path: Path) -> np.ndarray:
     """One DICOM frame in physical units (Modality LUT / RescaleSlope / RescaleIntercept applied), (columns, rows)."""
     from pydicom.pixels import apply_modality_lut
 
@@ -480,7 +484,7 @@ def _dicom_plane(ds, path: Path) -> np.ndarray:
 
 def _read_dicom(path: Path, kind: str) -> ScanImage:
     files = _dicom_files(path) if kind == "dicom_series" else [path]
-    datasets = [_read_dicom_header(f, stop_before_pixels=False) for f in files]
+    datasets = [read_dicom_header(f, stop_before_pixels=False) for f in files]
     for ds, f in zip(datasets, files):
         if getattr(ds, "SOPClassUID", None) == _DICOMDIR_SOP_CLASS or "PixelData" not in ds:
             raise DataError(f"{f}: DICOM file without pixel data (not an image slice)")
@@ -489,7 +493,7 @@ def _read_dicom(path: Path, kind: str) -> ScanImage:
     order = _slice_order(datasets, files)
     datasets = [datasets[i] for i in order]
     files = [files[i] for i in order]
-    planes = [_dicom_plane(ds, f) for ds, f in zip(datasets, files)]
+    planes = [dicom_plane(ds, f) for ds, f in zip(datasets, files)]
     array = planes[0] if kind == "dicom" else np.stack(planes, axis=-1)  # (columns, rows[, slices])
     array = check_image(torch.from_numpy(np.ascontiguousarray(array)), path).numpy()
     modality = str(getattr(datasets[0], "Modality", "") or "").upper() or None
@@ -540,7 +544,7 @@ def _seconds(date: Any, time: Any) -> float:
     return (datetime.datetime.combine(day, t) - datetime.datetime(1970, 1, 1)).total_seconds()
 
 
-def _suv_factor(ds, path: Path) -> float:
+def suv_factor(ds, path: Path) -> float:
     """Factor turning this PET series' values into body-weight SUV (g/ml).
 
     ``SUV = C * weight / dose_at_reference`` with ``C`` in Bq/ml, the weight in grams and the injected dose
@@ -591,7 +595,7 @@ def _suv_factor(ds, path: Path) -> float:
 def task_unit_factor(image: ScanImage, task: Task) -> float:
     """Multiplier from the file's units to the task's units (PET Bq/ml -> SUV; 1 otherwise)."""
     if image.modality == "PT" and task.unit.upper() == "SUV" and image.kind.startswith("dicom"):
-        return _suv_factor(image.source[0], image.path)
+        return suv_factor(image.source[0], image.path)
     return 1.0
 
 

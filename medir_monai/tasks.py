@@ -48,7 +48,10 @@ class Task:
         norm_range: ``(low, high)`` physical range clipped and min-max mapped to ``[0, 1]`` for the model.
         eval_window: ``(low, high)`` physical window both prediction and label are clipped to before the
             paper-convention metrics (DESIGN.md section 5).
-        slice_size: nominal ``(H, W)`` of a 2-D slice in the papers' data.
+        slice_size: ``(H, W)`` of a 2-D slice in the papers' data (``medir prepare`` reports slices that differ).
+        slice_axis: axis of a RAS-oriented ``(X, Y, Z)`` volume the papers cut their 2-D slices along:
+            2 (axial) for MRI and CT; 1 (coronal) for PET, whose 192x192x400 volumes give 192 slices of 192x400
+            (the shape rules out axial slices; the papers do not say coronal or sagittal, coronal is our choice).
         display_window: ``(low, high)`` physical window for TensorBoard / PNG display.
         display_invert: show with inverted grey (PET convention).
         degradation: name of the default degradation transform in ``medir_monai.transforms``.
@@ -72,6 +75,7 @@ class Task:
     degradation_args: dict[str, Any] = field(default_factory=dict)
     air_threshold: float | None = None
     central_slices: int | None = None
+    slice_axis: int = 2
 
     @property
     def index(self) -> int:
@@ -188,5 +192,6 @@ register_task(
         # and counts in proportion to the slice's activity (a cold slice is noisier than a hot one)
         degradation_args={"dose_fraction": 1.0 / 12.0, "mode": "insert_noise", "count_scaling": "activity"},
         air_threshold=0.05,
+        slice_axis=1,
     )
 )

@@ -33,13 +33,11 @@ folder and refuses a folder holding anything else. :func:`ensure_demo_dataset` b
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +52,7 @@ import pydicom.pixels
 import torch
 
 import medir_monai.transforms
+from .io import atomic_write_bytes, write_nifti_slice
 from medir_monai.transforms import (
     CT_FULL_DOSE_PHOTONS,
     PET_FULL_COUNTS,
@@ -244,35 +243,6 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-# ---- writing -------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_slice(path: Path, image: np.ndarray, spacing_mm: tuple[float, float], dtype) -> None:
-    """Write a 2-D NIfTI slice atomically (temporary hidden name in the same folder, then rename)."""
-    affine = np.diag([spacing_mm[0], spacing_mm[1], spacing_mm[0], 1.0])
-    array = np.asarray(image)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        array = np.rint(array)
-    img = nib.Nifti1Image(array.astype(dtype), affine)
-    img.header.set_xyzt_units("mm")
-    _atomic_write_bytes(path, img.to_bytes() if not path.name.endswith(".gz") else _gzip(img.to_bytes()))
-
-
-def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: byte-identical rebuilds
-
-
 def _seed(*parts) -> int:
     """Stable 31-bit seed from the build seed and a name."""
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
@@ -389,8 +359,8 @@ def _build_mri(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
         lq = np.asarray(degrade(torch.from_numpy(np.ascontiguousarray(hq))), dtype=np.float32)  # each slice alone
         for (index, flip), h, l_img in zip(keep, hq, lq):
             name = f"{source.name}_s{index:03d}{'' if flip == 'id' else '_' + flip}.nii.gz"
-            _write_slice(out / task.folder / source.split / "HQ" / name, h, spacing, np.float32)
-            _write_slice(out / task.folder / source.split / "LQ" / name, l_img, spacing, np.float32)
+            write_nifti_slice(out / task.folder / source.split / "HQ" / name, h, spacing, np.float32)
+            write_nifti_slice(out / task.folder / source.split / "LQ" / name, l_img, spacing, np.float32)
             files[source.split].append(name)
     for split in SPLITS:
         log(f"  MRI {split}: {len(files[split])} slices")
@@ -449,8 +419,8 @@ def _build_ct(out: Path, max_slices: int | None, seed: int, log: Callable[[str],
                 if s is not source:
                     continue
                 name = f"{source.name}_r{r:02d}_{flip}.nii.gz"
-                _write_slice(out / task.folder / split / "HQ" / name, _flip(hq, flip), spacing, np.int16)
-                _write_slice(out / task.folder / split / "LQ" / name, _flip(lq[r], flip), spacing, np.int16)
+                write_nifti_slice(out / task.folder / split / "HQ" / name, _flip(hq, flip), spacing, np.int16)
+                write_nifti_slice(out / task.folder / split / "LQ" / name, _flip(lq[r], flip), spacing, np.int16)
                 files[split].append(name)
         log(f"  CT {split}: {len(files[split])} slices")
     return files
@@ -505,8 +475,8 @@ def _body_phantom(source: _CTSource, seed: int) -> tuple[np.ndarray, np.ndarray,
 def _write_pet_pairs(out: Path, split: str, named: list[str], hq, lq, pixel_mm: float) -> list[str]:
     task = get_task("pet_synthesis")
     for name, h, l_img in zip(named, np.asarray(hq), np.asarray(lq)):
-        _write_slice(out / task.folder / split / "HQ" / name, h, (pixel_mm, pixel_mm), np.float32)
-        _write_slice(out / task.folder / split / "LQ" / name, l_img, (pixel_mm, pixel_mm), np.float32)
+        write_nifti_slice(out / task.folder / split / "HQ" / name, h, (pixel_mm, pixel_mm), np.float32)
+        write_nifti_slice(out / task.folder / split / "LQ" / name, l_img, (pixel_mm, pixel_mm), np.float32)
     return named
 
 
@@ -822,7 +792,7 @@ def build_demo_dataset(
             files[task] = builder(out, max_slices, seed, log, extended) if task == "mri_sr" else builder(out, max_slices, seed, log)
         timings[task] = round(time.perf_counter() - t0, 1)
     _remove_stale(out, files)
-    _atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices, extended).encode())
+    atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices, extended).encode())
     manifest = {
         "version": DEMO_VERSION,
         "code": code_fingerprint(),
@@ -835,7 +805,7 @@ def build_demo_dataset(
         "build_seconds": timings,
         "packages": {d: _version(d) for d in ("nilearn", "dipy", "nibabel", "pydicom", "pydicom-data", "torch", "monai")},
     }
-    _atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     log(f"medir demo-data: done in {time.perf_counter() - start:.0f} s: {manifest['counts']}")
     return manifest
 

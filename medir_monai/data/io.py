@@ -17,10 +17,13 @@ folder, NaN / Inf values, wrong dimensionality.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import gzip
 import io
 import os
 import pickle
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +46,8 @@ __all__ = [
     "load_bin",
     "load_image",
     "check_image",
+    "atomic_write_bytes",
+    "write_nifti_slice",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -263,3 +268,41 @@ def _loader(dtype) -> LoadImage:
 def _reader(name: str) -> ImageReader:
     """The MONAI reader instance called directly, so its own error reaches the user (no silent fallback)."""
     return getattr(monai.data, name)()
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a hidden temporary file in the same folder and a rename, so that a
+    killed process never leaves a partial file under the final name (the parent folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_nifti_slice(path: str | os.PathLike, image: np.ndarray, spacing_mm: Sequence[float], dtype=np.float32) -> None:
+    """Write a 2-D slice as NIfTI (``.nii``, or gzip-compressed for ``.nii.gz``) atomically.
+
+    The affine holds the in-plane pixel size ``spacing_mm = (sx, sy)`` (what the slice loaders read back); integer
+    ``dtype`` values are rounded, not truncated. Compression uses ``mtime=0``, so rebuilds are byte-identical.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    sx, sy = (float(v) for v in spacing_mm)
+    array = np.asarray(image)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        array = np.rint(array)
+    img = nib.Nifti1Image(array.astype(dtype), np.diag([sx, sy, sx, 1.0]))
+    img.header.set_xyzt_units("mm")
+    data = img.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, data)

@@ -23,7 +23,7 @@ from medir_monai.inference import (
     AmbiguousTaskError,
     ScanImage,
     _check_one_series,
-    _dicom_plane,
+    dicom_plane,
     _slice_order,
     output_path_for,
     restore_array,
@@ -68,7 +68,7 @@ def scan_from_datasets(datasets: Sequence[Any], path: str | os.PathLike) -> Scan
     order = _slice_order(datasets, files)
     datasets = [datasets[i] for i in order]
     files = [files[i] for i in order]
-    array = np.stack([_dicom_plane(ds, f) for ds, f in zip(datasets, files)], axis=-1)  # (columns, rows, slices)
+    array = np.stack([dicom_plane(ds, f) for ds, f in zip(datasets, files)], axis=-1)  # (columns, rows, slices)
     array = check_image(torch.from_numpy(np.ascontiguousarray(array)), path).numpy()
     modality = str(getattr(datasets[0], "Modality", "") or "").upper() or None
     return ScanImage(array=array, path=path, kind="dicom_series", modality=modality, source=datasets, files=files)
