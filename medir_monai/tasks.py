@@ -100,6 +100,8 @@ def register_task(task: Task, overwrite: bool = False) -> Task:
     """Add ``task`` to the registry. Refuses to replace an existing entry unless ``overwrite``."""
     if task.name in TASKS and not overwrite:
         raise ValueError(f"task {task.name!r} is already registered; pass overwrite=True to replace it")
+    if task.slice_axis not in (0, 1, 2):
+        raise ValueError(f"task {task.name!r}: slice_axis must be 0, 1 or 2 (an axis of a RAS volume), got {task.slice_axis}")
     if task.norm_range[1] <= task.norm_range[0] or task.eval_window[1] <= task.eval_window[0]:
         raise ValueError(f"task {task.name!r}: ranges must be (low, high) with low < high")
     TASKS[task.name] = task

@@ -264,8 +264,14 @@ def test_hq_only_pet_items_get_lq_that_differs_by_counting_noise_only(tmp_path):
     items = [{"task": "pet_synthesis", "hq": str(hq_path), "lq": None}]
     ds = restoration_dataset(items, train=False, cache="none", seed=3)
     suv = get_task("pet_synthesis").denormalise
-    pair = ds[1]
-    hq, lq = suv(pair["hq"][0]), suv(pair["lq"][0])
+    # PET is cut coronally (slice_axis 1) but its noise is simulated in the axial planes of the whole volume:
+    # put the coronal slices back together and look at the middle axial plane
+    hq_vol, lq_vol = torch.zeros(96, 96, 3), torch.zeros(96, 96, 3)
+    for k, item in enumerate(expand_to_slices(items)):
+        pair = ds[k]
+        hq_vol[:, item["slice"], :], lq_vol[:, item["slice"], :] = suv(pair["hq"][0]), suv(pair["lq"][0])
+    hq, lq = hq_vol[..., 1], lq_vol[..., 1]
+    assert torch.equal(ds[len(ds) // 2]["lq"], ds[len(ds) // 2]["lq"])  # deterministic (seeded per volume)
     inside = torch.from_numpy(body)
     assert float(lq[inside].mean() / hq[inside].mean()) == pytest.approx(1.0, abs=0.02)  # same mean within 2 %
     noise = (lq - hq)[inside]
@@ -289,3 +295,29 @@ def test_hq_only_pet_items_get_lq_that_differs_by_counting_noise_only(tmp_path):
     assert float(blurred[38:43, 54:59].mean()) < float(hq[38:43, 54:59].mean()) - 2.0
     with pytest.raises(ValueError, match="mode must be one of"):
         LowDosePET(mode="simulate")
+
+
+def test_slices_follow_the_task_slice_axis(tmp_path):
+    """PET volumes are cut coronally (192x192x400 -> 192 slices of 192x400), MRI / CT axially (Task.slice_axis)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medir_monai.data import expand_to_slices
+    from medir_monai.data.dataset import LoadSlicePaird
+    from medir_monai.data.profile import _item_slice
+    from medir_monai.tasks import get_task
+
+    assert (get_task("pet_synthesis").slice_axis, get_task("ct_denoise").slice_axis) == (1, 2)
+    volume = np.zeros((6, 5, 8), dtype=np.float32)
+    volume[1:5, 1:4, :] = np.arange(8, dtype=np.float32)[None, None, :] + 1  # every Y plane holds activity
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 3.0, 4.0, 1.0])), str(path))
+    items = expand_to_slices([{"task": "pet_synthesis", "hq": str(path), "lq": None}])
+    assert [it["slice"] for it in items] == [1, 2, 3]  # coronal planes with activity (air threshold)
+    loaded = LoadSlicePaird()(items[1])
+    assert tuple(loaded["hq"].shape) == (1, 6, 8) and loaded["spacing"] == (2.0, 4.0)
+    np.testing.assert_array_equal(loaded["hq"][0].numpy(), volume[:, 2, :])
+    data, spacing = _item_slice(items[1])
+    assert tuple(data.shape) == (6, 8) and spacing == 3.0
+    ct = expand_to_slices([{"task": "ct_denoise", "hq": str(path), "lq": None}])
+    assert len(ct) == 8 and tuple(LoadSlicePaird()(ct[0])["hq"].shape) == (1, 6, 5)

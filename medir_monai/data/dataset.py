@@ -79,26 +79,34 @@ def _cached_volume(path: str, axcodes: str | None) -> tuple[torch.Tensor, tuple[
 
 
 @functools.lru_cache(maxsize=4)
-def _recent_volume(path: str, stamp: int, axcodes: str | None) -> tuple[torch.Tensor, tuple[float, float] | None]:
+def _recent_volume(path: str, stamp: int, axcodes: str | None) -> tuple[torch.Tensor, tuple[float, ...] | None]:
     volume = load_volume(path, axcodes)
     spacing = None
     if isinstance(volume, MetaTensor) and not str(path).lower().endswith(".bin"):
-        spacing = tuple(float(v) for v in volume.pixdim[:2])
+        spacing = tuple(float(v) for v in volume.pixdim[: volume.ndim])
     return volume.as_tensor() if isinstance(volume, MetaTensor) else volume, spacing
 
 
-def _take_slice(volume: torch.Tensor, index: int) -> torch.Tensor:
-    """(H, W) slice ``index`` along the last axis of a 3-D volume; a 2-D image is returned as is."""
+def _take_slice(volume: torch.Tensor, index: int, axis: int = 2) -> torch.Tensor:
+    """(H, W) slice ``index`` along ``axis`` of a 3-D volume (the task's ``slice_axis``); a 2-D image as is."""
     if index == WHOLE_FILE or volume.ndim == 2:
         return volume
-    return volume[..., index]
+    return volume.select(axis, index)
+
+
+def _slice_spacing(spacing: tuple[float, ...] | None, volume: torch.Tensor, index: int, axis: int = 2):
+    """In-plane spacing (mm) of what :func:`_take_slice` returns: the volume's spacing without the sliced axis."""
+    if spacing is None or index == WHOLE_FILE or volume.ndim == 2:
+        return None if spacing is None else tuple(spacing[:2])
+    return tuple(s for i, s in enumerate(spacing[:3]) if i != axis % 3)
 
 
 class LoadSlicePaird(Transform):
     """Load the ``hq`` (and ``lq`` when given) 2-D slice of an item as ``(1, H, W)`` float32, physical units.
 
     Args:
-        axcodes: orientation volumes are brought to before slicing along their last axis (``None``: file order).
+        axcodes: orientation volumes are brought to before slicing along the task's ``slice_axis`` (``None``: file
+            order).
 
     Raises:
         DataError: unreadable files; LQ/HQ shape mismatch (naming both files).
@@ -110,14 +118,16 @@ class LoadSlicePaird(Transform):
     def __call__(self, item: Mapping) -> dict:
         d = dict(item)
         index = int(d.get("slice", WHOLE_FILE))
-        hq_vol, d["spacing"] = _cached_volume(str(d["hq"]), self.axcodes)
-        d["hq"] = _take_slice(hq_vol, index)[None].float().contiguous()
+        axis = get_task(d["task"]).slice_axis
+        hq_vol, spacing = _cached_volume(str(d["hq"]), self.axcodes)
+        d["spacing"] = _slice_spacing(spacing, hq_vol, index, axis)
+        d["hq"] = _take_slice(hq_vol, index, axis)[None].float().contiguous()
         d["file"] = str(item["hq"])
         d["slice"] = index
         if d.get("lq") is not None:
             lq_vol, _ = _cached_volume(str(d["lq"]), self.axcodes)
             check_same_shape(lq_vol, hq_vol, item["lq"], item["hq"])
-            d["lq"] = _take_slice(lq_vol, index)[None].float().contiguous()
+            d["lq"] = _take_slice(lq_vol, index, axis)[None].float().contiguous()
         else:
             d["lq"] = None
         if d["hq"].ndim != 3:
@@ -156,23 +166,64 @@ def _slice_seed(seed: int, task: str, file: str, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+@functools.lru_cache(maxsize=2)
+def _simulated_volume(path: str, stamp: int, axcodes: str | None, task: str, seed: int, overrides: str) -> torch.Tensor:
+    """The task's LQ of a whole volume, simulated in its axial planes (where CT and PET are reconstructed and the
+    papers truncate MRI k-space); kept for the next slices of the same volume."""
+    volume, spacing = _recent_volume(path, stamp, axcodes)
+    degrade = degradation_for(task, **json.loads(overrides))
+    if hasattr(degrade, "set_random_state"):
+        degrade.set_random_state(seed=_slice_seed(seed, task, path, WHOLE_FILE))
+    hq = volume[None].float()
+    if spacing is not None:
+        hq = MetaTensor(hq, affine=torch.diag(torch.tensor([*spacing[:3], 1.0], dtype=torch.float64)))
+    try:
+        lq = degrade(hq)
+    except ValueError as err:
+        raise DataError(f"{path}: cannot simulate LQ for {task!r}: {err}") from err
+    return (lq.as_tensor() if isinstance(lq, MetaTensor) else torch.as_tensor(np.asarray(lq)))[0].float()
+
+
 class SimulateLowQualityd(Transform):
     """Make ``lq`` from ``hq`` (physical units) with the task's degradation when the item has no LQ.
 
-    Deterministic by design (seeded per slice), so MONAI caches its output.
+    Deterministic by design (seeded per slice, or per volume), so MONAI caches its output. The degradations are
+    defined on axial planes; a slice cut along another axis (PET's coronal ``slice_axis``) is taken from the whole
+    volume's LQ, simulated plane by plane in the axial direction.
 
     Args:
         seed: base seed of the simulation.
         degradation_overrides: per task name, keyword arguments overriding ``Task.degradation_args``.
+        axcodes: orientation of the volumes the slices were cut from (as :class:`LoadSlicePaird`'s).
     """
 
-    def __init__(self, seed: int = 0, degradation_overrides: Mapping[str, dict] | None = None) -> None:
+    def __init__(self, seed: int = 0, degradation_overrides: Mapping[str, dict] | None = None,
+                 axcodes: str | None = "RAS") -> None:
         self.seed = seed
         self.overrides = dict(degradation_overrides or {})
+        self.axcodes = axcodes
+
+    def _from_volume(self, d: Mapping) -> torch.Tensor | None:
+        """LQ slice of a non-axial cut of a 3-D volume, else ``None``."""
+        axis = get_task(d["task"]).slice_axis
+        if axis == 2 or int(d.get("slice", WHOLE_FILE)) == WHOLE_FILE:
+            return None
+        path = str(d["file"])
+        try:
+            stamp = os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        volume = _simulated_volume(path, stamp, self.axcodes, d["task"], self.seed,
+                                   json.dumps(self.overrides.get(d["task"], {}), sort_keys=True))
+        return _take_slice(volume, int(d["slice"]), axis)[None]
 
     def __call__(self, item: Mapping) -> dict:
         d = dict(item)
         if d.get("lq") is not None:
+            return d
+        from_volume = self._from_volume(d)
+        if from_volume is not None:
+            d["lq"] = from_volume.contiguous()
             return d
         # a fresh (cheap) transform per slice: CacheDataset fills its cache from several threads, and a shared
         # randomizable transform would mix up their seeds
@@ -253,7 +304,7 @@ def restoration_transforms(
     robust-training transforms of :mod:`medir_monai.transforms.augment`, on model-space ``[0, 1]`` pairs) and the
     shared random crop. ``intensity_reference``: per-task per-scan normalisation (see
     :func:`intensity_reference_transforms`), applied in training and evaluation alike."""
-    steps: list = [LoadSlicePaird(axcodes), SimulateLowQualityd(seed)]
+    steps: list = [LoadSlicePaird(axcodes), SimulateLowQualityd(seed, axcodes=axcodes)]
     steps += intensity_reference_transforms(intensity_reference)
     steps += [NormaliseByTaskd(), _keep_sample_keys]
     if train:

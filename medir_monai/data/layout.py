@@ -11,7 +11,7 @@ Two inputs are accepted:
 
 Both give items ``{"task": name, "hq": path, "lq": path}`` (``lq`` is ``None`` for HQ-only items).
 Volumes are then cut into 2-D slice items by :func:`expand_to_slices` with the task's rules
-(``central_slices``, ``air_threshold`` in :mod:`medir_monai.tasks`); every slice item has a ``slice`` key
+(``slice_axis``, ``central_slices``, ``air_threshold`` in :mod:`medir_monai.tasks`); every slice item has a ``slice`` key
 (``-1``: the file itself is one 2-D slice, as in the authors' layout).
 """
 
@@ -199,8 +199,7 @@ def load_datalist(
 def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> MetaTensor:
     """Load a 2-D slice or 3-D volume in physical units; 3-D volumes are re-oriented to ``axcodes``.
 
-    Slices are later taken along the last axis (axial for ``"RAS"``), so ``pixdim[:2]`` is the in-plane
-    spacing.
+    Slices are later taken along the task's ``slice_axis`` (2: axial for ``"RAS"``).
     """
     x = load_image(path, ndim=(2, 3))
     if x.ndim == 3 and axcodes is not None:
@@ -209,7 +208,7 @@ def load_volume(path: str | os.PathLike, axcodes: str | None = "RAS") -> MetaTen
 
 
 def kept_slice_indices(volume: torch.Tensor, task: str) -> list[int]:
-    """Indices along the last axis of a 3-D volume kept by the task's slice rules
+    """Indices along the task's ``slice_axis`` of a 3-D RAS volume kept by its slice rules
     (:func:`medir_monai.transforms.select_slices`).
 
     ``central_slices = N``: only the N central slices (MRI: 100); ``air_threshold = t``: slices whose every
@@ -219,11 +218,12 @@ def kept_slice_indices(volume: torch.Tensor, task: str) -> list[int]:
 
     task = get_task(task)
     plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-    return select_slices(plain, axis=-1, central=task.central_slices, air_threshold=task.air_threshold)
+    return select_slices(plain, axis=task.slice_axis, central=task.central_slices, air_threshold=task.air_threshold)
 
 
 def expand_to_slices(items: Sequence[dict], axcodes: str | None = "RAS") -> list[dict]:
-    """Cut 3-D items into one item per kept 2-D slice (``"slice": k`` along the last axis).
+    """Cut 3-D items into one item per kept 2-D slice (``"slice": k`` along the task's ``slice_axis``: axial for
+    MRI and CT, coronal for PET).
 
     Items that already carry a ``slice`` key pass through. 2-D files become one item with ``slice = -1``.
     LQ and HQ volumes must have the same shape.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..tasks import get_task
-from .dataset import _cached_volume, _take_slice
+from .dataset import _cached_volume, _slice_spacing, _take_slice
 from .layout import WHOLE_FILE
 
 __all__ = ["PROFILE_VERSION", "check_scan", "profile_items", "slice_statistics"]
@@ -76,14 +76,17 @@ def _spread(items: Sequence[dict], count: int) -> list[dict]:
 
 
 def _item_slice(item: Mapping) -> tuple[torch.Tensor, float | None]:
-    """The item's LQ (else HQ) slice as the training datasets read it (RAS volume, slice along the last axis)
-    and its mean in-plane spacing; an item not yet cut into slices gives its middle slice."""
+    """The item's LQ (else HQ) slice as the training datasets read it (RAS volume, slice along the task's
+    ``slice_axis``) and its mean in-plane spacing; an item not yet cut into slices gives its middle slice."""
     key = "lq" if item.get("lq") is not None else "hq"
+    axis = get_task(item["task"]).slice_axis
     volume, spacing = _cached_volume(str(item[key]), "RAS")
-    data = _take_slice(volume, int(item.get("slice", WHOLE_FILE)))
-    if data.ndim == 3:
-        data = data[..., data.shape[-1] // 2]
-    return data.float(), (float(np.mean(spacing)) if spacing else None)
+    index = int(item.get("slice", WHOLE_FILE))
+    if index == WHOLE_FILE and volume.ndim == 3:
+        index = volume.shape[axis] // 2
+    data = _take_slice(volume, index, axis)
+    in_plane = _slice_spacing(spacing, volume, index, axis)
+    return data.float(), (float(np.mean(in_plane)) if in_plane else None)
 
 
 def _widen(low: float, high: float, factors: tuple[float, float]) -> list[float]:

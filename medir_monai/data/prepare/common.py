@@ -148,6 +148,9 @@ class PreparedLayout:
         wanted = {"dataset": dataset, "task": self.task.name, "settings": json.loads(json.dumps(dict(settings))),
                   "splits": dict(assignment)}
         previous = self._read_manifest()
+        if previous is not None and not previous.get("done") and not self._slice_files():
+            previous = None  # an earlier run stopped before writing anything: nothing to keep
+            self.manifest_path.unlink()
         if previous is None:
             if self.out.exists() and not self.out.is_dir():
                 raise FileExistsError(f"{self.out}: exists and is not a folder; give a new --out folder")
@@ -168,6 +171,10 @@ class PreparedLayout:
             self.manifest = previous
         self.notes: list[str] = []
         self.resumed = 0  # subjects found finished by an earlier run and skipped
+
+    def _slice_files(self) -> list[Path]:
+        return [p for p in self.task_dir.rglob("*") if p.is_file() and p.name != PREPARE_MANIFEST] \
+            if self.task_dir.is_dir() else []
 
     def _read_manifest(self) -> dict | None:
         if not self.manifest_path.is_file():

@@ -81,7 +81,10 @@ def _slices(hq_path: Path, lq_path: Path | None, subject: str, seed: int):
         check_same_shape(lq, hq, lq_path, hq_path)
     else:  # counting noise is simulated in the transaxial (axial) planes, where PET is reconstructed
         axial_spacing = tuple(float(torch.linalg.norm(hq.affine[:3, i])) for i in range(2))
-        simulated = simulate_lq(hq.numpy(), TASK, axial_spacing, seed, f"{subject}.nii", -1)
+        try:
+            simulated = simulate_lq(hq.numpy(), TASK, axial_spacing, seed, f"{subject}.nii", -1)
+        except DataError as err:
+            raise DataError(f"{hq_path}: cannot simulate its low-dose pair: {str(err).split(': ', 2)[-1]}") from err
         lq = torch.from_numpy(simulated).clamp(min=0.0)
     stacked = MetaTensor(torch.stack([hq.as_tensor(), lq.as_tensor() if isinstance(lq, MetaTensor) else lq]),
                          affine=hq.affine)
