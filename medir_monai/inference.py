@@ -67,6 +67,7 @@ __all__ = [
     "restore_array",
     "resolve_task",
     "read_scan",
+    "scan_slice_axis",
     "write_scan",
     "restore_file",
     "output_path_for",
@@ -515,6 +516,36 @@ def scan_pixel_size(scan: ScanImage) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _array_directions(scan: ScanImage) -> np.ndarray | None:
+    """3x3 matrix whose column ``j`` is the patient direction (RAS or LPS, signs aside) of array axis ``j``."""
+    try:
+        if scan.kind == "nifti":
+            return np.asarray(scan.source.affine, dtype=float)[:3, :3]
+        if scan.kind == "itk":
+            return np.asarray(scan.source["affine"], dtype=float)[:3, :3]
+        row, column = (np.asarray([float(v) for v in scan.source[0].ImageOrientationPatient], dtype=float)[i:i + 3]
+                       for i in (0, 3))
+        return np.stack([row, column, np.cross(row, column)], axis=1)  # (columns, rows, slices) order
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def scan_slice_axis(scan: ScanImage, task: str | Task) -> int:
+    """Axis of ``scan.array`` to restore plane by plane: the task's ``slice_axis`` found in the scan's orientation.
+
+    Axial tasks (``slice_axis`` 2: MRI, CT) use the acquisition axis (the last one), as before; PET, trained on
+    coronal slices, is restored along the array axis that runs most nearly anterior-posterior. ``-1`` when the scan
+    is 2-D or carries no orientation.
+    """
+    task = get_task(task)
+    if scan.array.ndim != 3 or task.slice_axis == 2:
+        return -1
+    directions = _array_directions(scan)
+    if directions is None or directions.shape != (3, 3):
+        return -1
+    return int(np.argmax(np.abs(directions[task.slice_axis, :])))
+
+
 def read_scan(path: str | os.PathLike) -> ScanImage:
     """Read a NIfTI file, an ITK image, a DICOM file or a DICOM series folder in physical units.
 
@@ -925,6 +956,7 @@ def restore_file(
     chosen = resolve_task(input_path, task)
     image = read_scan(input_path)
     factor = task_unit_factor(image, chosen)
+    sw_kwargs.setdefault("axis", scan_slice_axis(image, chosen))
     restored = restore_array(network, image.array * np.float32(factor), chosen, **sw_kwargs)
     return write_scan(image, restored, out, chosen, model_name=model_name, overwrite=overwrite, unit_factor=factor)
 
@@ -976,7 +1008,7 @@ class LoadScand:
     """Dataset transform: read ``d["image"]`` (a path) with :func:`read_scan` and resolve its task.
 
     Output: ``{"image": float32 tensor in physical units (task units), "scan": ScanImage, "task": task name,
-    "unit_factor": float, "path": str}``. Use with ``collate_fn=monai.data.utils.no_collation``.
+    "unit_factor": float, "path": str, "axis": the plane axis (:func:`scan_slice_axis`)}``. Use with ``collate_fn=monai.data.utils.no_collation``.
     """
 
     def __init__(self, task: str | Task | None = None):
@@ -988,7 +1020,8 @@ class LoadScand:
         scan = read_scan(path)
         factor = task_unit_factor(scan, task)
         image = torch.as_tensor(scan.array * np.float32(factor))
-        return {"image": image, "scan": scan, "task": task.name, "unit_factor": factor, "path": str(path)}
+        return {"image": image, "scan": scan, "task": task.name, "unit_factor": factor, "path": str(path),
+                "axis": scan_slice_axis(scan, task)}
 
 
 def prepare_scan_batch(batchdata: list[dict], device: Any = None, non_blocking: bool = False, **kwargs: Any):
@@ -996,19 +1029,22 @@ def prepare_scan_batch(batchdata: list[dict], device: Any = None, non_blocking: 
     if len(batchdata) != 1:
         raise ValueError("scan inference runs one scan per batch (batch_size=1)")
     item = batchdata[0]
-    return item["image"], None, (), {"task": item["task"]}
+    return item["image"], None, (), {"task": item["task"], "axis": item.get("axis", -1)}
 
 
 class ScanInferer(Inferer):
     """MONAI inferer restoring a whole scan in physical units slice by slice (see :func:`restore_array`).
 
     Args:
-        roi_size, overlap, sw_batch_size, mode, sw_device, device, axis, progress, intensity_reference, safeguard:
+        roi_size, overlap, sw_batch_size, mode, sw_device, device, progress, intensity_reference, safeguard:
             :func:`restore_array` options.
+        axis: plane axis for every scan; ``None`` (default): each scan's own (:func:`scan_slice_axis`, passed by
+            :func:`prepare_scan_batch`).
     """
 
     def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = 0.25, sw_batch_size: int = 4,
-                 mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int = -1, progress: bool = True,
+                 mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int | None = None,
+                 progress: bool = True,
                  intensity_reference: Mapping[str, Mapping] | None = None,
                  safeguard: Mapping[str, Mapping] | None = None):
         super().__init__()
@@ -1017,8 +1053,12 @@ class ScanInferer(Inferer):
                            intensity_reference=intensity_reference,
                            safeguard=RestorationSafeguard(safeguard))
 
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "", **kwargs: Any):
-        return restore_array(network, inputs, task, **self.kwargs)
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "",
+                 axis: int = -1, **kwargs: Any):
+        options = dict(self.kwargs)
+        if options["axis"] is None:  # the scan's own plane axis (LoadScand / prepare_scan_batch)
+            options["axis"] = axis
+        return restore_array(network, inputs, task, **options)
 
 
 class InputGuard:

@@ -526,3 +526,28 @@ def test_output_path_for_and_restorer(tmp_path):
     restorer = inf.Restorer(AddConstant(0.0), model_name="TAT", roi_size=(16, 16), progress=False)
     assert restorer(tmp_path / "series", target) == target
     assert "TAT" in pydicom.dcmread(next(target.iterdir())).SeriesDescription
+
+
+def test_pet_volumes_are_restored_along_their_coronal_axis_ct_along_the_acquisition_axis(tmp_path):
+    """PET models learn coronal slices (Task.slice_axis 1): a PET volume is restored plane by plane along the array
+    axis that runs anterior-posterior, whatever the file's axis order; CT keeps the acquisition axis."""
+    from medir_monai.inference import LoadScand, prepare_scan_batch, read_scan, scan_slice_axis
+
+    seen: list[tuple[int, ...]] = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return x
+
+    volume = np.random.default_rng(0).random((10, 6, 14)).astype(np.float32) + 0.5  # stored (X, Z, Y)
+    affine = np.array([[2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 2.5, 0, 0], [0, 0, 0, 1]])  # file axis 2 runs A-P
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    assert scan_slice_axis(read_scan(path), "pet_synthesis") == 2
+    assert scan_slice_axis(read_scan(path), "ct_denoise") == -1
+    out = inf.restore_file(recording, path, tmp_path / "out.nii.gz", task="pet_synthesis", roi_size=(10, 6), sw_batch_size=1,
+                       progress=False, safeguard=None)
+    assert seen == [(10, 6)] * 14  # one window per (X, Z) plane; along file axis 1 it would be 6 planes of 10x14
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata(), volume, atol=1e-5)
+    item = LoadScand("pet_synthesis")({"image": str(path)})
+    assert item["axis"] == 2 and prepare_scan_batch([item])[3] == {"task": "pet_synthesis", "axis": 2}

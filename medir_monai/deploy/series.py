@@ -27,6 +27,7 @@ from medir_monai.inference import (
     _slice_order,
     output_path_for,
     restore_array,
+    scan_slice_axis,
     task_unit_factor,
     write_scan,
 )
@@ -92,6 +93,7 @@ def restore_scan(network: Any, scan: ScanImage, task: str | Task | None = None, 
     """Restore ``scan`` in its task's units (PET: SUV) slice by slice (see :func:`~medir_monai.inference.restore_array`)."""
     chosen = task_for_scan(scan, task)
     factor = task_unit_factor(scan, chosen)
+    sw_kwargs.setdefault("axis", scan_slice_axis(scan, chosen))  # PET: coronal planes, as trained
     restored = restore_array(network, scan.array * np.float32(factor), chosen, **sw_kwargs)
     return RestoredScan(scan=scan, restored=np.asarray(restored, dtype=np.float32), task=chosen, unit_factor=factor)
 
