@@ -67,7 +67,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     best: tuple[int, Path] | None = None
     for path in folder.iterdir():
         match = _CKPT_PATTERN.search(path.name)
-        if match and path.is_file():
+        if match and path.is_file() and not path.name.startswith("."):  # hidden: an unfinished atomic write
             it = int(match.group(1))
             if best is None or it > best[0]:
                 best = (it, path)

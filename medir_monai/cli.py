@@ -347,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.io import DataError
     from .tasks import UnknownTaskError
 
-    user_errors = (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError)
+    from .atomic import NO_SPACE_ERRNOS, NoSpaceError
+
+    user_errors = (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError, NoSpaceError)
     args = build_parser().parse_args(argv)
     try:
         try:
@@ -361,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise cause from None
     except user_errors as err:
         print(f"medir {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk met outside the package's atomic writers
+        if err.errno not in NO_SPACE_ERRNOS:
+            raise
+        print(f"medir {args.command}: error: {err.filename or 'output'}: no space left to write it ({err.strerror})",
+              file=sys.stderr)
         return 2
 
 

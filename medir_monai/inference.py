@@ -51,6 +51,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm.auto import tqdm
 
+from medir_monai.atomic import atomic_path, raise_if_no_space
 from medir_monai.data.io import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, DataError, check_image
 from medir_monai.safeguard import RestorationSafeguard
 from medir_monai.tasks import Task, get_task, task_from_modality, task_names
@@ -717,20 +718,20 @@ def _commit(tmp: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def _atomic_output(final: Path, as_folder: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``final`` (same suffix); rename it to ``final`` on success, delete it on error."""
+    """Yield a temporary path beside ``final`` (same suffix); rename it to ``final`` on success, delete it on error
+    (a full disk becomes :class:`~medir_monai.atomic.NoSpaceError` naming ``final``)."""
+    if not as_folder:
+        with atomic_path(final) as tmp:
+            yield tmp
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
-    if as_folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    else:
-        ext = _full_suffix(final, NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES)
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{ext}", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         _commit(tmp, final)
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        raise_if_no_space(err, final)
         raise
 
 

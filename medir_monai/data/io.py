@@ -17,13 +17,11 @@ folder, NaN / Inf values, wrong dimensionality.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import gzip
 import io
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,8 @@ import monai.data
 import torch
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage
+
+from ..atomic import atomic_write_bytes
 
 __all__ = [
     "DataError",
@@ -271,22 +271,6 @@ def _reader(name: str) -> ImageReader:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temporary file in the same folder and a rename, so that a
-    killed process never leaves a partial file under the final name (the parent folder is created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_nifti_slice(path: str | os.PathLike, image: np.ndarray, spacing_mm: Sequence[float], dtype=np.float32) -> None:
     """Write a 2-D slice as NIfTI (``.nii``, or gzip-compressed for ``.nii.gz``) atomically.
 

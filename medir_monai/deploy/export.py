@@ -33,19 +33,19 @@ Command line (prints the parity table; see ``docs/deploy.md``)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_path
 
 __all__ = [
     "DEFAULT_EXPORT_SHAPE",
@@ -103,24 +103,6 @@ def _metadata(network: torch.nn.Module, shape: tuple[int, ...], model_name: str 
         "fixed_size": reason is not None,
         "fixed_size_reason": reason or "",
     }
-
-
-@contextlib.contextmanager
-def _atomic_file(final: Path) -> Iterator[Path]:
-    """A temporary path beside ``final`` (same suffix), renamed onto it on success and removed on error."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---- TorchScript -----------------------------------------------------------------------------------------
@@ -184,7 +166,7 @@ def export_torchscript(
     finally:
         network.train(was_training)
     final = Path(filepath)
-    with _atomic_file(final) as tmp:
+    with atomic_path(final) as tmp:
         save_net_with_metadata(traced, str(tmp), meta_values={**(extra_metadata or {}), METADATA_KEY: meta})
     return final
 
@@ -221,7 +203,7 @@ def export_onnx(
     was_training = network.training
     final = Path(filepath)
     try:
-        with _atomic_file(final) as tmp, warnings.catch_warnings():
+        with atomic_path(final) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python ints taken from shapes
             convert_to_onnx(network, [example], input_names=[_INPUT_NAME], output_names=[_OUTPUT_NAME],
                             opset_version=opset_version, dynamic_axes={_INPUT_NAME: axes, _OUTPUT_NAME: axes},

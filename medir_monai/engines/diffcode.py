@@ -35,7 +35,7 @@ from monai.engines import IterationEvents
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..handlers.report import atomic_write_text
+from ..atomic import atomic_write_text
 from ..networks.blocks import crop_to_size, pad_to_multiple
 from ..networks.official import load_weights_file
 from ..tasks import get_task, task_names

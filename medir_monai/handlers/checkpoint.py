@@ -18,8 +18,7 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +26,13 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from ..atomic import NoSpaceError, atomic_save, remove_stale_temporaries
 from ..bundle import latest_checkpoint
 from ..networks.official import load_weights_file
 
 __all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _rank() -> int:
@@ -121,12 +104,17 @@ class ResumableCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
+        # before the bundles' StatsHandler, so a full disk ends the run with one line and status 2
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exit_on_no_space)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def load_latest(self, engine: Engine) -> None:
+        if _rank() == 0:  # a run killed while writing leaves a hidden temporary file; it is never read
+            for stale in remove_stale_temporaries(self.save_dir):
+                logger.info(f"removed {stale}, left by an interrupted write")
         path = latest_checkpoint(self.save_dir)
         if path is None:
             logger.info(f"no checkpoint in {self.save_dir}: training from scratch")
@@ -144,6 +132,20 @@ class ResumableCheckpoint:
                 )
             engine.state.max_epochs = configured_max_epochs  # the config may extend (not shorten) the run
         logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
+
+    def exit_on_no_space(self, engine: Engine, error: BaseException) -> None:
+        """A full disk (here or in the evaluator's best-model saver): print one line naming the file, say which
+        checkpoint is intact, and exit with status 2; any other exception propagates unchanged."""
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, NoSpaceError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise error
+        latest = latest_checkpoint(self.save_dir)
+        kept = f"the last complete checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
+        print(f"medir training: error: {cause}; {kept}: free some space and rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
     def save(self, engine: Engine) -> None:
         if _rank() != 0:  # DDP: every rank resumes, rank 0 writes

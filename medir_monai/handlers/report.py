@@ -5,33 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from ignite.engine import Engine, Events
 
 from ..data.demo import source_of
 from ..data.io import DataError
+from ..atomic import atomic_write_text
 from ..tasks import get_task
 from .metrics import TaskMetricCollector
 
 __all__ = ["EvalReportHandler", "ValidationSummaryHandler", "write_metrics_csv", "format_report", "atomic_write_text"]
 
 CSV_FIELDS = ("task", "file", "source", "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
