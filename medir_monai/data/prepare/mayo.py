@@ -104,7 +104,7 @@ def _header_slice(path: Path, root: Path) -> CTSlice | None:
         position = np.asarray([float(v) for v in ds.ImagePositionPatient])
         normal = np.cross(orientation[:3], orientation[3:])
         kernel = ds.get("ConvolutionKernel", "")
-        kernel = "/".join(kernel) if isinstance(kernel, (list, tuple)) or type(kernel).__name__ == "MultiValue" else str(kernel)
+        kernel = str(kernel) if isinstance(kernel, str) else "/".join(str(k) for k in kernel)  # VM may be > 1
         thickness = float(ds.get("SliceThickness", 0) or 0)
         spacing = tuple(float(v) for v in ds.PixelSpacing)
     except (TypeError, ValueError) as err:
