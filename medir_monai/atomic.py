@@ -20,8 +20,10 @@ from typing import Any
 
 __all__ = [
     "NoSpaceError",
+    "DestinationExistsError",
     "NO_SPACE_ERRNOS",
     "atomic_path",
+    "commit_no_clobber",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_save",
@@ -40,10 +42,25 @@ class NoSpaceError(OSError):
         return f"{self.filename}: no space left to write it ({self.strerror}); nothing was written there"
 
 
+class DestinationExistsError(FileExistsError):
+    """A write that must not replace an existing file found one under its name when it was complete (another
+    process wrote it meanwhile); the other file is kept and this one discarded."""
+
+    def __str__(self) -> str:
+        return (f"{self.filename}: appeared while this run was writing it (another run writing the same output?); "
+                "it was kept and nothing was overwritten")
+
+
 def raise_if_no_space(err: BaseException, destination: str | os.PathLike) -> None:
-    """Re-raise ``err`` as :class:`NoSpaceError` naming ``destination`` when it is a no-space error."""
-    if isinstance(err, OSError) and not isinstance(err, NoSpaceError) and err.errno in NO_SPACE_ERRNOS:
-        raise NoSpaceError(err.errno, os.strerror(err.errno), str(destination)) from err
+    """Re-raise ``err`` as :class:`NoSpaceError` naming ``destination`` when it is, or was caused by, a no-space
+    error (writers such as pydicom re-raise the ``OSError`` without its errno, the original as the cause)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, NoSpaceError):
+            return
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
+            raise NoSpaceError(cause.errno, os.strerror(cause.errno), str(destination)) from err
+        cause = cause.__cause__ or cause.__context__
 
 
 def _ordinary_permissions(path: Path) -> None:
@@ -53,10 +70,30 @@ def _ordinary_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def commit_no_clobber(tmp: Path, final: Path) -> None:
+    """Move the complete file ``tmp`` to ``final`` unless ``final`` exists, atomically (a hard link, which fails
+    on an existing name, then the temporary name removed); :class:`DestinationExistsError` otherwise."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+    except OSError as err:  # a filesystem without hard links: check, then rename (a narrow race remains)
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(final):
+            raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """A temporary path beside ``final`` (same suffix, so writers that read the suffix pick the right format),
-    renamed onto ``final`` when the block ends without error and removed otherwise."""
+    renamed onto ``final`` when the block ends without error and removed otherwise.
+
+    ``overwrite=False``: an existing ``final`` (also one that another process wrote while this block ran) is never
+    replaced: :class:`DestinationExistsError`, and the temporary file is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{''.join(final.suffixes[-2:])}",
@@ -66,7 +103,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _ordinary_permissions(tmp)
-        os.replace(tmp, final)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            commit_no_clobber(tmp, final)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         raise_if_no_space(err, final)

@@ -226,8 +226,15 @@ def _run_restore(args: argparse.Namespace) -> int:
     load_official_state_dict(network, str(ckpt))
     network.eval()
     _check_inputs_against_profile(ckpt, Path(args.input).expanduser(), args.task, args.strict)
+    output = Path(args.output).expanduser()
+    output_existed = output.exists()
     evaluator = parser.get_parsed_content("evaluator")
-    evaluator.run()
+    try:
+        evaluator.run()
+    except BaseException:
+        if not output_existed and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # a failed run leaves no trace, not even the empty folder it made
+        raise
     for handler in parser.get_parsed_content("handlers"):
         for path in getattr(handler, "written", []):
             print(path)

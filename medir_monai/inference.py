@@ -34,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import math
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 import warnings
@@ -51,7 +53,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm.auto import tqdm
 
-from medir_monai.atomic import atomic_path, raise_if_no_space
+from medir_monai.atomic import DestinationExistsError, atomic_path, commit_no_clobber, raise_if_no_space
 from medir_monai.data.io import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, DataError, check_image
 from medir_monai.safeguard import RestorationSafeguard
 from medir_monai.tasks import Task, get_task, task_from_modality, task_names
@@ -406,6 +408,9 @@ def _read_nifti(path: Path) -> ScanImage:
         data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
     except Exception as err:
         raise DataError(f"{path}: unreadable or corrupt NIfTI file: {type(err).__name__}: {err}") from err
+    if not np.isfinite(img.affine).all():
+        raise DataError(f"{path}: its orientation (qform / sform affine) holds NaN or Inf; the restored image could not "
+                        "be placed in space")
     array = check_image(torch.from_numpy(data), path).numpy()
     return ScanImage(array=array, path=path, kind="nifti", source=img)
 
@@ -698,8 +703,26 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` onto ``final``; an existing ``final`` is swapped out first and restored if that fails."""
+def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Move ``tmp`` onto ``final``; an existing ``final`` is swapped out first and restored if that fails.
+
+    Without ``overwrite``, a ``final`` that appeared meanwhile (another run writing the same output) is kept:
+    :class:`~medir_monai.atomic.DestinationExistsError`."""
+    if not overwrite:
+        if tmp.is_file():
+            commit_no_clobber(tmp, final)
+            return
+        try:  # a folder: rename fails onto an existing non-empty folder or a file
+            if os.path.lexists(final) and not (final.is_dir() and not any(final.iterdir())):
+                raise FileExistsError
+            os.rename(tmp, final)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError):
+            raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+        except OSError as err:
+            if err.errno != errno.ENOTEMPTY:
+                raise
+            raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+        return
     if tmp.is_file() and (final.is_file() or not os.path.lexists(final)):
         os.replace(tmp, final)  # atomic for a file
         return
@@ -717,18 +740,19 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_output(final: Path, as_folder: bool) -> Iterator[Path]:
+def _atomic_output(final: Path, as_folder: bool, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` (same suffix); rename it to ``final`` on success, delete it on error
-    (a full disk becomes :class:`~medir_monai.atomic.NoSpaceError` naming ``final``)."""
+    (a full disk becomes :class:`~medir_monai.atomic.NoSpaceError` naming ``final``). Without ``overwrite`` an
+    output that another run wrote meanwhile is kept and this one discarded."""
     if not as_folder:
-        with atomic_path(final) as tmp:
+        with atomic_path(final, overwrite=overwrite) as tmp:
             yield tmp
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        _commit(tmp, final)
+        _commit(tmp, final, overwrite)
     except BaseException as err:
         _remove(tmp)
         raise_if_no_space(err, final)
@@ -797,6 +821,9 @@ def _rescale_for(datasets: list, values: Sequence[np.ndarray]) -> tuple[float, f
     return (slope if slope > 0 else 1.0), intercept, np.dtype(np.uint16)
 
 
+_PIXEL_DATA_TAG = 0x7FE00010  # (7FE0,0010) Pixel Data
+
+
 def _derived_dataset(src, stored: np.ndarray, slope: float, intercept: float, series_uid: str,
                      model_name: str, task: Task):
     """A copy of ``src`` holding ``stored`` (rows, columns) as a new instance of the new derived series."""
@@ -805,6 +832,8 @@ def _derived_dataset(src, stored: np.ndarray, slope: float, intercept: float, se
     from pydicom.valuerep import format_number_as_ds
 
     ds = copy.deepcopy(src)
+    for tag in [t for t in ds.keys() if t > _PIXEL_DATA_TAG]:  # trailing padding or damage: not image data
+        del ds[tag]
     for keyword in _STALE_PIXEL_TAGS:
         if keyword in ds:
             delattr(ds, keyword)
@@ -878,7 +907,11 @@ def _write_dicom(image: ScanImage, restored: np.ndarray, out: Path, model_name: 
         ds = _derived_dataset(src, stored, slope, intercept, series_uid, model_name, task)
         ds.SeriesNumber = series_number
         target = out if image.kind == "dicom" else out / f"IM{k + 1:05d}.dcm"
-        ds.save_as(str(target), enforce_file_format=True)
+        try:
+            ds.save_as(str(target), enforce_file_format=True)
+        except (TypeError, ValueError, OverflowError, struct.error) as err:  # a header element that cannot be written
+            raise DataError(f"{image.files[k] if image.files else image.path}: its header cannot be copied into the "
+                            f"derived series ({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
 def write_scan(
@@ -911,7 +944,7 @@ def write_scan(
         raise ValueError(f"restored shape {restored.shape} differs from the input's {image.array.shape} ({image.path})")
     if not np.isfinite(restored).all():
         raise ValueError(f"restored image for {image.path} holds NaN / Inf; nothing written")
-    with _atomic_output(out, as_folder=image.kind == "dicom_series") as tmp:
+    with _atomic_output(out, as_folder=image.kind == "dicom_series", overwrite=overwrite) as tmp:
         if image.kind == "nifti":
             _write_nifti(image, restored, tmp, model_name)
         elif image.kind == "itk":

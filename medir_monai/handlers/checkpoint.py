@@ -10,6 +10,10 @@ with ``torch.load(weights_only=True)``.
   state) as ``checkpoint_iteration=N.pt`` and keeps the newest ``n_saved``; when the trainer starts and a checkpoint
   is present it resumes from the newest one, so rerunning the same command continues an interrupted run, with the
   same batches, crops and MoE gating noise an uninterrupted run would have seen.
+* Only one training writes into a checkpoint folder at a time: :class:`ResumableCheckpoint` holds an exclusive
+  lock on ``<save_dir>/.training.lock`` (``flock``; released by the operating system when the process ends, also
+  when it is killed), and a second training started into the same folder ends at once with one line naming the
+  folder and the process holding it, and exit status 2, before it reads or writes anything there.
 * :class:`BestModelSaver` (evaluator): writes ``model.pt`` (the weights of the network or its EMA, with the
   training profile when one is given) whenever the evaluator's key metric improves, and ``model_final.pt`` is
   written by the trainer checkpoint at the end.
@@ -18,6 +22,7 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,7 @@ from ..atomic import NoSpaceError, atomic_save, remove_stale_temporaries
 from ..bundle import latest_checkpoint
 from ..networks.official import load_weights_file
 
-__all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState"]
+__all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState", "TrainingLock", "FolderBusyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,20 @@ def _bare(network: torch.nn.Module) -> torch.nn.Module:
     from ..engines import unwrap
 
     return unwrap(network)
+
+
+def _notice(message: str, error: bool = False) -> None:
+    """``medir training: [error: ]...`` on stderr on a line of its own (also when a progress bar holds the current
+    line), whatever the logging configuration: where a run starts from and why it stops must always be seen."""
+    from tqdm import tqdm
+
+    logger.info(message)
+    tqdm.write(f"medir training: {'error: ' if error else ''}{message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _error_line(message: str) -> None:
+    _notice(message, error=True)
 
 
 def _state_dicts(objects: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +83,56 @@ class TorchRNGState:
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+LOCK_NAME = ".training.lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another training holds the checkpoint folder's lock."""
+
+
+class TrainingLock:
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.training.lock`` holding the owner's process id.
+
+    The operating system releases it when the process ends in any way, so a killed run never leaves a stale lock.
+    Platforms without ``fcntl`` (Windows) are not locked.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_NAME
+        self._handle = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`FolderBusyError` naming the folder and the holder's process id."""
+        if self._handle is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise FolderBusyError(
+                f"{self.path.parent}: another training (process {holder}) is writing its checkpoints here; wait for it "
+                "to end or give this run another bundle_root / ckpt_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor drops the flock
+            self._handle = None
 
 
 class ResumableCheckpoint:
@@ -101,23 +170,35 @@ class ResumableCheckpoint:
         self.resume = resume
         self.final_model = final_model
         self.final_network = final_network
+        self.lock = TrainingLock(self.save_dir)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
         # before the bundles' StatsHandler, so a full disk ends the run with one line and status 2
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exit_on_no_space)
+        engine.add_event_handler(Events.STARTED, self.lock_folder)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
+    def lock_folder(self, engine: Engine) -> None:
+        """Rank 0 takes the checkpoint folder's lock; a folder another training holds ends this run (status 2)."""
+        if _rank() != 0:
+            return
+        try:
+            self.lock.acquire()
+        except FolderBusyError as busy:
+            _error_line(str(busy))
+            raise SystemExit(2) from None
+
     def load_latest(self, engine: Engine) -> None:
         if _rank() == 0:  # a run killed while writing leaves a hidden temporary file; it is never read
             for stale in remove_stale_temporaries(self.save_dir):
-                logger.info(f"removed {stale}, left by an interrupted write")
+                _notice(f"removed {stale}, left by an interrupted write (never read)")
         path = latest_checkpoint(self.save_dir)
         if path is None:
-            logger.info(f"no checkpoint in {self.save_dir}: training from scratch")
+            _notice(f"no checkpoint in {self.save_dir}: training from scratch")
             return
         checkpoint = load_weights_file(path)
         missing = [k for k in self.save_dict if k not in checkpoint]
@@ -131,11 +212,13 @@ class ResumableCheckpoint:
                     f"checkpoint {path} is at epoch {engine.state.epoch}, beyond the configured {configured_max_epochs}"
                 )
             engine.state.max_epochs = configured_max_epochs  # the config may extend (not shorten) the run
-        logger.info(f"resumed from {path} at iteration {engine.state.iteration}")
+        _notice(f"resumed from {path} at iteration {engine.state.iteration}")
 
     def exit_on_no_space(self, engine: Engine, error: BaseException) -> None:
         """A full disk (here or in the evaluator's best-model saver): print one line naming the file, say which
-        checkpoint is intact, and exit with status 2; any other exception propagates unchanged."""
+        checkpoint is intact, and exit with status 2; any other exception propagates unchanged. Either way the
+        folder's lock is released (a notebook can rerun at once)."""
+        self.lock.release()
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, NoSpaceError):
             cause = cause.__cause__ or cause.__context__
@@ -143,8 +226,7 @@ class ResumableCheckpoint:
             raise error
         latest = latest_checkpoint(self.save_dir)
         kept = f"the last complete checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
-        print(f"medir training: error: {cause}; {kept}: free some space and rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        _error_line(f"{cause}; {kept}: free some space and rerun the same command to resume")
         raise SystemExit(2) from None
 
     def save(self, engine: Engine) -> None:
@@ -162,6 +244,7 @@ class ResumableCheckpoint:
         if self.final_model:
             network = self.final_network if self.final_network is not None else self.save_dict["model"]
             atomic_save(_bare(network).state_dict(), self.save_dir / self.final_model)
+        self.lock.release()
 
     def _prune(self, keep: int) -> None:
         found = sorted(
