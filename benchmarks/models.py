@@ -52,7 +52,7 @@ REFERENCE = {
 }
 #: models whose blocks support activation checkpointing
 CHECKPOINTABLE = ("restormer", "amir", "tat")
-#: weight of the AMIR balance loss in the timed training step (DESIGN.md, as in our bundles)
+#: weight of the AMIR balance loss in the timed training step (docs/design.md, as in our bundles)
 BALANCE_WEIGHT = 1e-3
 LEARNING_RATE = 2e-4
 TRAIN_PATCH = 128

@@ -1,7 +1,7 @@
 """Whole-scan restoration: sliding-window inference slice by slice, NIfTI / ITK / DICOM in and out.
 
 The networks are 2-D and all-in-one (AMIR, TAT, DiffCode, Restormer: ``(B, 1, H, W) -> (B, 1, H, W)``), but
-the intensity normalisation and the output range are task-specific (DESIGN.md section 2), so every call needs
+the intensity normalisation and the output range are task-specific (docs/design.md, section 2), so every call needs
 a task: given explicitly, or read from the DICOM Modality tag (``CT`` / ``MR`` / ``PT``).
 
 Pipeline of :func:`restore_file` (issue 6)::
@@ -80,6 +80,8 @@ __all__ = [
     "input_kind",
     "list_inputs",
     "read_dicom_header",
+    "check_one_series",
+    "slice_order",
     "dicom_plane",
     "looks_like_dicom",
     "LoadScand",
@@ -89,7 +91,7 @@ __all__ = [
 ]
 
 DEFAULT_ROI_SIZE = (128, 128)
-"""The papers' training patch (DESIGN.md section 4): the natural sliding-window size."""
+"""The papers' training patch (docs/design.md, section 4): the natural sliding-window size."""
 SERIES_DESCRIPTION_TEMPLATE = "restored by {model} (medir-monai)"
 """Text written to DICOM SeriesDescription (appended to the original) and the NIfTI ``descrip`` field."""
 DICOM_STORED_BITS = 16
@@ -190,7 +192,7 @@ def restore_array(
     """Restore a 2-D slice or a 3-D volume given in physical units, slice by slice.
 
     Each slice along ``axis`` is normalised with the task's range (clip to ``norm_range``, min-max to
-    ``[0, 1]``, DESIGN.md section 2), restored through MONAI's
+    ``[0, 1]``, docs/design.md, section 2), restored through MONAI's
     :class:`~monai.inferers.SlidingWindowInferer` (windows of the training patch size blended with a
     Gaussian weight, as in the papers' full-resolution testing) and mapped back to physical units.
 
@@ -422,7 +424,7 @@ def _read_itk(path: Path) -> ScanImage:
     return ScanImage(array=image.numpy().astype(np.float32), path=path, kind="itk", source=dict(image.meta))
 
 
-def _slice_order(datasets: list, files: list[Path]) -> list[int]:
+def slice_order(datasets: list, files: list[Path]) -> list[int]:
     """Order of a series' slices: position along the slice normal, else InstanceNumber, else file name.
 
     Raises:
@@ -455,7 +457,7 @@ def _slice_order(datasets: list, files: list[Path]) -> list[int]:
     return order
 
 
-def _check_one_series(datasets: list, files: list[Path], folder: Path) -> None:
+def check_one_series(datasets: list, files: list[Path], folder: Path) -> None:
     """Refuse folders mixing series, image sizes or modalities."""
     def distinct(tag: str) -> dict:
         seen: dict = {}
@@ -496,8 +498,8 @@ def _read_dicom(path: Path, kind: str) -> ScanImage:
         if getattr(ds, "SOPClassUID", None) == _DICOMDIR_SOP_CLASS or "PixelData" not in ds:
             raise DataError(f"{f}: DICOM file without pixel data (not an image slice)")
     folder = path if kind == "dicom_series" else path.parent
-    _check_one_series(datasets, files, folder)
-    order = _slice_order(datasets, files)
+    check_one_series(datasets, files, folder)
+    order = slice_order(datasets, files)
     datasets = [datasets[i] for i in order]
     files = [files[i] for i in order]
     planes = [dicom_plane(ds, f) for ds, f in zip(datasets, files)]

@@ -1,4 +1,4 @@
-"""Training losses beyond plain L1 (DESIGN.md section 4).
+"""Training losses beyond plain L1 (docs/design.md, section 4).
 
 * :class:`TATLossBalancing`: TAT's sample-adaptive loss balancing (TAT, MICCAI 2025, Sec. 2.3). A small
   MLP looks at three detached per-sample L1 distances and predicts an uncertainty ``sigma_i`` that

@@ -1,4 +1,4 @@
-"""Paper-convention image quality metrics (DESIGN.md section 5).
+"""Paper-convention image quality metrics (docs/design.md, section 5).
 
 The AMIR / TAT papers evaluate each 2-D test slice as follows:
 

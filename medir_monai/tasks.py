@@ -1,4 +1,4 @@
-"""The task registry: the single source of truth for everything task-specific (DESIGN.md section 2).
+"""The task registry: the single source of truth for everything task-specific (docs/design.md, section 2).
 
 Every other module (data loading, normalisation, metrics, display, inference) looks tasks up here.
 Adding a task (e.g. MRI 8x or 10 % dose CT) is one :func:`register_task` call plus its degradation
@@ -47,7 +47,7 @@ class Task:
         unit: physical unit of the intensities (for reports and axis labels).
         norm_range: ``(low, high)`` physical range clipped and min-max mapped to ``[0, 1]`` for the model.
         eval_window: ``(low, high)`` physical window both prediction and label are clipped to before the
-            paper-convention metrics (DESIGN.md section 5).
+            paper-convention metrics (docs/design.md, section 5).
         slice_size: ``(H, W)`` of a 2-D slice in the papers' data (``medir prepare`` reports slices that differ).
         slice_axis: axis of a RAS-oriented ``(X, Y, Z)`` volume the papers cut their 2-D slices along:
             2 (axial) for MRI and CT; 1 (coronal) for PET, whose 192x192x400 volumes give 192 slices of 192x400

@@ -1,4 +1,4 @@
-"""Shared test helpers: the reference fixtures live in ../shared/fixtures (DESIGN.md section 6)."""
+"""Shared test helpers: the reference fixtures live in ../shared/fixtures (docs/design.md, section 6)."""
 
 import os
 from pathlib import Path

@@ -26,8 +26,8 @@ from medir_monai.networks.diffcode import (
 )
 
 EMB = 8
-TINY_AE = dict(num_embeddings=16, embedding_dim=EMB, depth=3, channels=(8,), num_res_layers=1)
-TINY_DIFF = dict(embedding_dim=EMB, channels=(8,), num_res_layers=1, hidden_dim=16)
+TINY_AE = dict(num_embeddings=16, embedding_dim=EMB, depth=3, channels=(8, 8), num_blocks=(1, 1))
+TINY_DIFF = dict(embedding_dim=EMB, channels=(8, 8), num_blocks=(1, 1), hidden_dim=16)
 TINY = dict(
     autoencoder=TINY_AE,
     channels=(8, 8, 8, 8),
@@ -340,52 +340,58 @@ def test_seeded_sampling_is_deterministic_and_stochastic_mode_differs():
 
 
 # -- stage III: routing and the pipeline -----------------------------------------------------------------
-def routing_with_fixed_gate(**kwargs) -> TaskGlobalRouting:
+def routing_with_busy_experts(**kwargs) -> TaskGlobalRouting:
     torch.manual_seed(0)
-    route = TaskGlobalRouting(dim=4, num_tasks=3, num_experts=4, top_k=1, **kwargs)
+    route = TaskGlobalRouting(dim=4, num_experts=4, top_k=1, **kwargs)
     with torch.no_grad():
-        route.gate.weight.copy_(torch.tensor([[0.0, 0, 0], [4, 0, 0], [0, 0, 4], [0, 4, 0]]))  # task 0->1, 1->3, 2->2
-        route.gate.bias.zero_()
         for expert in route.experts:  # make every expert do something
             for p in expert.parameters():
                 p.normal_(0, 0.5)
     return route
 
 
-def test_top1_routing_runs_exactly_one_expert_per_image():
-    route = routing_with_fixed_gate()
+def test_top1_routing_runs_exactly_one_expert_per_image_weighted_by_the_gate_without_residual():
+    route = routing_with_busy_experts()
     seen = []
     for e, expert in enumerate(route.experts):
         expert.register_forward_hook(lambda m, i, o, e=e: seen.append((e, i[0].shape[0])))
     x = torch.randn(5, 4, 6, 6)
-    probs = F.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).float()
-    y, balance, choice = route(x, probs)
+    gate = torch.tensor([[0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.2, 0.1, 0.5, 0.2],
+                         [0.05, 0.8, 0.1, 0.05], [0.0, 0.0, 0.1, 0.9]])
+    y, choice = route(x, gate)
     assert choice.tolist() == [1, 3, 2, 1, 3]
     assert sum(n for _, n in seen) == 5 and sorted(e for e, _ in seen) == [1, 2, 3]
-    for b in range(5):  # forward weight of the single selected expert is exactly 1
-        expected = x[b : b + 1] + route.experts[int(choice[b])](x[b : b + 1])
-        assert torch.allclose(y[b : b + 1], expected, atol=1e-6)
+    for b in range(5):  # Eq. 8: V_j E_j(x), no residual, V_j not renormalised
+        j = int(choice[b])
+        assert torch.allclose(y[b : b + 1], gate[b, j] * route.experts[j](x[b : b + 1]), atol=1e-6)
     route.dispatch = "dense"
-    y_dense, _, _ = route(x, probs)
+    y_dense, _ = route(x, gate)
     assert torch.allclose(y, y_dense, atol=1e-6)
-    assert balance.ndim == 0 and torch.isfinite(balance)
+    with pytest.raises(ValueError, match="gate must be"):
+        route(x, gate[:, :3])
 
 
-def test_routing_gate_is_differentiable():
+def test_routing_passes_the_restoration_gradient_to_the_gating_vector():
     x = torch.randn(3, 4, 5, 5)
-    probs = torch.softmax(torch.randn(3, 3), dim=1).requires_grad_(True)
-    for mode in ("straight_through", "switch"):
-        route = routing_with_fixed_gate(gate_gradient=mode)
-        y, _, _ = route(x, probs)
-        y.square().mean().backward()
-        assert route.gate.weight.grad is not None and float(route.gate.weight.grad.abs().sum()) > 0
-        assert probs.grad is not None and float(probs.grad.abs().sum()) > 0  # reaches the task classifier
-        probs.grad = None
-    # the paper's literal weights (softmax over the single selected logit == 1) give the gate nothing to learn
-    literal = routing_with_fixed_gate(gate_gradient="selected_softmax")
-    y, _, _ = literal(x, probs.detach())
+    gate = torch.softmax(torch.randn(3, 4), dim=1).requires_grad_(True)
+    y, _ = routing_with_busy_experts()(x, gate)
     y.square().mean().backward()
-    assert literal.gate.weight.grad is None or float(literal.gate.weight.grad.abs().sum()) == 0.0
+    assert gate.grad is not None and float(gate.grad.abs().sum()) > 0  # reaches the task classifier at top-1
+    assert not any(isinstance(m, torch.nn.Linear) for m in routing_with_busy_experts().modules())  # no own gate
+
+
+def test_naf_encoder_and_decoder_levels_and_shapes():
+    from medir_monai.networks.diffcode import NAFDecoder, NAFEncoder
+
+    enc = NAFEncoder(1, 6, channels=(4, 8, 8), num_blocks=(1, 0, 2))
+    dec = NAFDecoder(6, 1, channels=(4, 8, 8), num_blocks=(1, 0, 2))
+    x = torch.rand(2, 1, 12, 20)
+    z = enc(x)
+    assert enc.downsample_factor == 4 and z.shape == (2, 6, 3, 5)
+    assert dec(z).shape == x.shape
+    assert [len(level) for level in enc.levels] == [1, 0, 2] and [len(level) for level in dec.levels] == [1, 0, 2]
+    with pytest.raises(ValueError, match="one entry per level"):
+        NAFEncoder(1, 6, channels=(4, 8), num_blocks=(1,))
 
 
 def test_naf_block_starts_as_identity():
@@ -402,12 +408,12 @@ def test_pipeline_forward_backward_with_given_task():
     assert out.shape == lq.shape
     assert model.autoencoder.training is False and model.diffusion.training is False  # frozen prior stays in eval
     assert model.last_task.tolist() == [0, 2] and model.last_prior.shape == lq.shape
-    assert model.last_task_logits.shape == (2, 3) and model.last_task_logits.requires_grad
+    assert model.last_gate.shape == (2, 4) and torch.allclose(model.last_gate.sum(1), torch.ones(2))
     assert len(model.last_routing) == 4 and all(r.shape == (2,) for r in model.last_routing)
-    expected_ce = F.cross_entropy(model.last_task_logits.detach(), torch.tensor([0, 2]))
-    assert torch.isclose(model.aux_loss.detach(), expected_ce)
-    (F.l1_loss(out, torch.rand_like(lq)) + model.aux_loss).backward()
-    for part in (model.backbone, model.task_classifier):
+    # one global gating vector: every routing module picks the same expert for an image
+    assert all(torch.equal(r, model.last_gate.argmax(1)) for r in model.last_routing)
+    F.l1_loss(out, torch.rand_like(lq)).backward()  # Eq. 7 alone
+    for part in (model.backbone, model.task_classifier):  # the classifier learns through V
         assert sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None) > 0
     for part in (model.autoencoder, model.diffusion):
         assert all(p.grad is None and not p.requires_grad for p in part.parameters())
@@ -423,16 +429,15 @@ def test_unfrozen_prior_receives_gradient():
     assert sum(float(p.grad.abs().sum()) for p in model.diffusion.denoiser.parameters()) > 0
 
 
-def test_task_is_inferred_given_or_fixed_and_picks_the_codebook():
+def test_task_is_given_or_fixed_and_picks_the_codebook():
     model = tiny_model(sample_seed=7).eval()
     with torch.no_grad():
         for t in range(3):  # make the codebooks clearly different
             model.autoencoder.quantizer.codebooks[t].normal_(mean=float(t), std=1.0)
     lq = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
-        model(lq)
-        assert torch.equal(model.last_task, model.last_task_logits.argmax(1))
-        assert float(model.aux_loss) == 0.0  # no task given: no classification term
+        with pytest.raises(ValueError, match="which task codebook"):
+            model(lq)  # the gate chooses experts, not codebooks: the task must be known
         model(lq, task=0)
         prior0 = model.last_prior
         model(lq, task=0)
@@ -482,23 +487,28 @@ def test_paper_configuration_parameter_counts(capsys):
     assert sum(parts.values()) == count(model)
     with capsys.disabled():
         print("\nDiffCode paper-config parameters:", parts, "total", count(model))
+    # the paper's NAF encoders / decoders: [2, 2, 4, 4] blocks, [64, 128, 256, 256] channels, stage I and II
+    for coder in (model.autoencoder.encoder, model.autoencoder.decoder, model.diffusion.condition_encoder):
+        assert [len(level) for level in coder.levels] == [2, 2, 4, 4]
+        assert [level[0].conv1.in_channels for level in coder.levels] == [64, 128, 256, 256]
+    assert model.autoencoder.downsample_factor == 8
+    assert model.autoencoder.encode(torch.rand(1, 1, 128, 128)).shape == (1, 256, 16, 16)
     model.eval()
     with torch.no_grad():
-        out = model(torch.rand(1, 1, 16, 24))
+        out = model(torch.rand(1, 1, 16, 24), task=1)
     assert out.shape == (1, 1, 16, 24)
 
 
-def test_traced_model_follows_the_classifier_on_other_sizes():
+def test_traced_model_follows_the_gate_and_the_task_on_other_sizes():
     model = tiny_model().eval()
-    with no_tracer_warnings():
-        traced = torch.jit.trace(model, torch.rand(2, 1, 16, 16), check_trace=False)
+    with no_tracer_warnings():  # the task is an input of the graph, not a constant
+        traced = torch.jit.trace(model, (torch.rand(2, 1, 16, 16), torch.tensor([1, 1])), check_trace=False)
     with torch.no_grad():
-        model.task_classifier.head.bias.copy_(torch.tensor([0.0, 0.0, 100.0]))  # now every image is task 2
+        model.task_classifier.head.bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))  # now every image -> expert 2
     lq = torch.rand(1, 1, 24, 32)
     torch.manual_seed(0)
-    got = traced(lq)
+    got = traced(lq, torch.tensor([2]))
     torch.manual_seed(0)
-    expected = model(lq)
-    assert model.last_task.tolist() == [2]
+    expected = model(lq, task=2)
+    assert [int(r) for r in model.last_routing[0]] == [2] and model.last_task.tolist() == [2]
     assert torch.allclose(got, expected, atol=1e-6)
-

@@ -1,4 +1,4 @@
-"""Task-balanced batch sampler (DESIGN.md section 3: AMIR proportional batches of 8, TAT 4 per task)."""
+"""Task-balanced batch sampler (docs/design.md, section 3: AMIR proportional batches of 8, TAT 4 per task)."""
 
 from collections import Counter
 

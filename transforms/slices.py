@@ -1,4 +1,4 @@
-"""Slices from volumes and per-task intensity normalisation (DESIGN.md sections 2-3).
+"""Slices from volumes and per-task intensity normalisation (docs/design.md, sections 2-3).
 
 The papers train and evaluate on 2-D slices: the central 100 slices of each IXI T2 volume (MRI), and
 every slice that is not only air for PET and CT. :func:`extract_slices` / :class:`ExtractSlicesd` cut

@@ -1,4 +1,4 @@
-"""Data: readers, layouts, 2-D slice datasets, task-balanced sampling, the embedded demo set (DESIGN.md section 3)."""
+"""Data: readers, layouts, 2-D slice datasets, task-balanced sampling, the embedded demo set (docs/design.md, section 3)."""
 
 from .dataset import (
     LoadSlicePaird,

@@ -1,4 +1,4 @@
-"""MONAI datasets of 2-D LQ/HQ slices for all-in-one restoration (DESIGN.md section 3).
+"""MONAI datasets of 2-D LQ/HQ slices for all-in-one restoration (docs/design.md, section 3).
 
 Pipeline per slice item (from :mod:`medir_monai.data.layout`)::
 

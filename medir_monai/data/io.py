@@ -1,4 +1,4 @@
-"""Image readers with clear errors (DESIGN.md section 3).
+"""Image readers with clear errors (docs/design.md, section 3).
 
 Everything goes through MONAI :class:`~monai.transforms.LoadImage` with an explicit reader chosen from the
 file name: NIfTI -> ``NibabelReader``, DICOM (a ``.dcm`` file or a folder holding a series) ->

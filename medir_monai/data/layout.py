@@ -1,4 +1,4 @@
-"""Folder layouts and datalists -> lists of LQ/HQ items (DESIGN.md section 3).
+"""Folder layouts and datalists -> lists of LQ/HQ items (docs/design.md, section 3).
 
 Two inputs are accepted:
 

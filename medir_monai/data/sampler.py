@@ -1,4 +1,4 @@
-"""Task-balanced batch sampling for all-in-one training (DESIGN.md sections 3-4).
+"""Task-balanced batch sampling for all-in-one training (docs/design.md, sections 3-4).
 
 Two policies, matching the authors' training scripts:
 

@@ -42,10 +42,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from .models import METADATA_KEY, OnnxNetwork, load_bundle_network
 
 __all__ = [
     "DEFAULT_EXPORT_SHAPE",
@@ -62,11 +62,9 @@ __all__ = [
 ]
 
 DEFAULT_EXPORT_SHAPE = (1, 1, 128, 128)
-"""Example input of the exports: one 1-channel slice of the training patch size (DESIGN.md section 4)."""
+"""Example input of the exports: one 1-channel slice of the training patch size (docs/design.md, section 4)."""
 ONNX_OPSET = 17
 """ONNX opset: the first with LayerNormalization, supported by onnxruntime >= 1.14."""
-METADATA_KEY = "medir"
-"""Key of this package's entry in the TorchScript ``metadata.json`` extra file and ONNX ``metadata_props``."""
 _INPUT_NAME, _OUTPUT_NAME = "image", "pred"
 
 
@@ -217,54 +215,6 @@ def export_onnx(
     return final
 
 
-class OnnxNetwork:
-    """An ONNX restoration model run with onnxruntime, callable like the network: ``(B, 1, H, W)`` tensor in and out.
-
-    Args:
-        path: ``.onnx`` file written by :func:`export_onnx` (or any model with one input and one output).
-        providers: onnxruntime execution providers (default: CPU).
-        num_threads: intra-op threads (``None``: onnxruntime's default).
-
-    Attributes:
-        metadata: the ``"medir"`` metadata entry (empty dict when absent).
-        input_shape: the model's input dims (``int`` for static axes, ``str`` names for dynamic ones).
-
-    Raises:
-        ImportError: onnxruntime is not installed.
-    """
-
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 num_threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise ImportError("running an ONNX model needs 'onnxruntime' (pip install -e .[deploy])") from err
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: ONNX model does not exist")
-        options = ort.SessionOptions()
-        if num_threads is not None:
-            options.intra_op_num_threads = int(num_threads)
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
-        self._input = self.session.get_inputs()[0]
-        self.input_shape = list(self._input.shape)
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, Any] = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
-        self.training = False  # looks like an eval-mode module to callers that check it
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        fixed = [d for d in self.input_shape[2:] if isinstance(d, int)]
-        if len(fixed) == 2 and tuple(x.shape[-2:]) != tuple(fixed):
-            raise ValueError(f"{self.path}: model only accepts {fixed[0]}x{fixed[1]} inputs (static axes), "
-                             f"got {tuple(x.shape)}; restore with a sliding window of that roi")
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run(None, {self._input.name: array})[0]
-        return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
-
-    def eval(self) -> OnnxNetwork:
-        return self
-
-
 # ---- parity ------------------------------------------------------------------------------------------------
 def max_abs_difference(
     reference: Callable[[torch.Tensor], Any],
@@ -344,8 +294,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 when a parity check at the traced size fails)."""
-    from medir_monai.deploy.models import load_bundle_network
-
     args = _build_parser().parse_args(argv)
     torch.manual_seed(0)
     network, info = load_bundle_network(args.bundle, config_files=args.config, checkpoint=args.checkpoint,

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
@@ -22,13 +23,66 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medir_monai.inference import DEFAULT_ROI_SIZE
 
-__all__ = ["RestorationModel", "load_bundle_network", "load_restoration_model", "model_kind"]
+__all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "load_bundle_network", "load_restoration_model",
+           "model_kind"]
+
+METADATA_KEY = "medir"
+"""Key of this package's entry in the TorchScript ``metadata.json`` extra file and ONNX ``metadata_props``."""
 
 _INFERENCE_CONFIG = "inference.json"
+
+
+class OnnxNetwork:
+    """An ONNX restoration model run with onnxruntime, callable like the network: ``(B, 1, H, W)`` tensor in and out.
+
+    Args:
+        path: ``.onnx`` file written by :func:`export_onnx` (or any model with one input and one output).
+        providers: onnxruntime execution providers (default: CPU).
+        num_threads: intra-op threads (``None``: onnxruntime's default).
+
+    Attributes:
+        metadata: the ``"medir"`` metadata entry (empty dict when absent).
+        input_shape: the model's input dims (``int`` for static axes, ``str`` names for dynamic ones).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 num_threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ImportError("running an ONNX model needs 'onnxruntime' (pip install -e .[deploy])") from err
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model does not exist")
+        options = ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = int(num_threads)
+        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+        self._input = self.session.get_inputs()[0]
+        self.input_shape = list(self._input.shape)
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, Any] = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+        self.training = False  # looks like an eval-mode module to callers that check it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fixed = [d for d in self.input_shape[2:] if isinstance(d, int)]
+        if len(fixed) == 2 and tuple(x.shape[-2:]) != tuple(fixed):
+            raise ValueError(f"{self.path}: model only accepts {fixed[0]}x{fixed[1]} inputs (static axes), "
+                             f"got {tuple(x.shape)}; restore with a sliding window of that roi")
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.session.run(None, {self._input.name: array})[0]
+        return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
+
+    def eval(self) -> OnnxNetwork:
+        return self
 
 
 @dataclass
@@ -130,8 +184,6 @@ def load_bundle_network(
 def _torchscript(path: Path, device: str | torch.device) -> RestorationModel:
     from monai.data import load_net_with_metadata
 
-    from medir_monai.deploy.export import METADATA_KEY
-
     try:
         network, meta, _ = load_net_with_metadata(str(path), map_location=torch.device(device))
     except Exception as err:
@@ -147,8 +199,6 @@ def _torchscript(path: Path, device: str | torch.device) -> RestorationModel:
 
 
 def _onnx(path: Path) -> RestorationModel:
-    from medir_monai.deploy.export import OnnxNetwork
-
     network = OnnxNetwork(path)
     meta = network.metadata
     static = [d for d in network.input_shape[2:] if isinstance(d, int)]

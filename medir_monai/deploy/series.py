@@ -22,12 +22,12 @@ from medir_monai.data.io import DataError, check_image
 from medir_monai.inference import (
     AmbiguousTaskError,
     ScanImage,
-    _check_one_series,
+    check_one_series,
     dicom_plane,
-    _slice_order,
     output_path_for,
     restore_array,
     scan_slice_axis,
+    slice_order,
     task_unit_factor,
     write_scan,
 )
@@ -65,8 +65,8 @@ def scan_from_datasets(datasets: Sequence[Any], path: str | os.PathLike) -> Scan
     for ds, f in zip(datasets, files):
         if "PixelData" not in ds:
             raise DataError(f"{f}: DICOM instance without pixel data (not an image slice)")
-    _check_one_series(datasets, files, path)
-    order = _slice_order(datasets, files)
+    check_one_series(datasets, files, path)
+    order = slice_order(datasets, files)
     datasets = [datasets[i] for i in order]
     files = [files[i] for i in order]
     array = np.stack([dicom_plane(ds, f) for ds, f in zip(datasets, files)], axis=-1)  # (columns, rows, slices)

@@ -1,7 +1,7 @@
 """Engine pieces for training DiffCode's three stages with MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``.
 
 Chen et al., DiffCode, MICCAI 2025 (https://arxiv.org/abs/2507.19874), trained in three runs
-(``bundles/diffcode``; DESIGN.md section 4):
+(``bundles/diffcode``; docs/design.md, section 4):
 
 * **stage I** (``train_stage1``): :class:`~medir_monai.networks.diffcode.DiffCodeAutoencoder` on HQ images,
   ``L1(recon, HQ) + ||sg[z] - z_q||^2 + 0.25 ||z - sg[z_q]||^2``. The engines see
@@ -13,8 +13,8 @@ Chen et al., DiffCode, MICCAI 2025 (https://arxiv.org/abs/2507.19874), trained i
   ``L1(z_hat, z)``. Validation decodes the estimate through the task codebook (:class:`DecodedPrior`), so the
   prior is scored in image space against HQ, next to the LQ input;
 * **stage III** (``training``): :class:`~medir_monai.networks.diffcode.DiffCode` with the trained stages loaded by
-  :class:`StageWeightsLoader`; :func:`prepare_task_batch` passes ``task=`` to the forward and
-  :class:`DiffCodeLoss` adds the model's auxiliary loss (task classification) to the L1.
+  :class:`StageWeightsLoader`; :func:`prepare_task_batch` passes ``task=`` (the codebook) to the forward and
+  :class:`DiffCodeLoss` is the paper's Eq. 7, ``L1(restored, HQ)`` alone.
 
 Inference on whole scans (:mod:`medir_monai.inference`) calls the network with the image only; :class:`ScanTaskHandler`
 sets ``model.task`` from each scan's task so that every window of a scan uses the same codebook.
@@ -78,7 +78,7 @@ def prepare_task_batch(
 ):
     """``prepare_batch`` for stage III (and stage-II validation): ``(LQ, HQ, (), {"task": [B] int64})``.
 
-    MONAI engines call ``network(LQ, task=task)`` with it, so the codebook (and the classifier's cross-entropy)
+    MONAI engines call ``network(LQ, task=task)`` with it, so the codebook
     uses each sample's true task.
     """
     lq = batchdata["lq"].to(device=device, non_blocking=non_blocking, **kwargs)
@@ -235,35 +235,24 @@ class LatentStageLoss(_TermLogger):
 
 
 class DiffCodeLoss(_TermLogger):
-    """Stage-III objective ``L1(restored, HQ) + aux_weight * network.aux_loss``.
-
-    :class:`~medir_monai.networks.diffcode.DiffCode` leaves ``aux_loss`` (the task classifier's cross-entropy, times
-    ``classification_weight``, plus the routing balance term, weight 0 by default) after each forward. Logged
-    terms: ``l1``, ``aux`` and ``task_acc`` (the classifier's accuracy on the batch, when the task was given).
-
-    Args:
-        network: the DiffCode model the trainer runs (DDP / compile wrappers are looked through).
-        aux_weight: weight of ``aux_loss`` (1: the weights live in the model's own arguments).
+    """Stage-III objective (the paper's Eq. 7): ``L1(restored, HQ)``, nothing else: the task classifier that
+    gates the routing learns through the gating vector from this loss alone. Logged terms: ``l1`` and ``gate_max``
+    (the batch mean of the largest entry of the gating vector ``V``: 1 / num_experts when the classifier has not
+    learnt to choose, towards 1 when it routes decisively).
     """
 
-    def __init__(self, network: nn.Module, aux_weight: float = 1.0):
+    def __init__(self, network: nn.Module):
         super().__init__()
         self._network = [network]
-        self.aux_weight = float(aux_weight)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         l1 = torch.mean(torch.abs(pred - target))
-        loss, terms = l1, {"l1": float(l1.detach())}
-        net = unwrap(self._network[0])
-        aux = getattr(net, "aux_loss", None)
-        if self.aux_weight and isinstance(aux, torch.Tensor):
-            loss = loss + self.aux_weight * aux
-            terms["aux"] = float(aux.detach())
-        logits, task = getattr(net, "last_task_logits", None), getattr(net, "last_task", None)
-        if logits is not None and task is not None and logits.shape[0] == task.shape[0]:
-            terms["task_acc"] = float((logits.detach().argmax(1) == task).float().mean())
+        terms = {"l1": float(l1.detach())}
+        gate = getattr(unwrap(self._network[0]), "last_gate", None)
+        if isinstance(gate, torch.Tensor) and gate.ndim == 2:
+            terms["gate_max"] = float(gate.max(dim=1).values.mean())
         self.last_terms = terms
-        return loss
+        return l1
 
 
 # ---- handlers ----------------------------------------------------------------------------------------------
@@ -458,30 +447,21 @@ class SampleSeedHandler:
 
 
 class ScanTaskHandler:
-    """Inference handler: before each scan, set ``network.task`` to the scan's task index (``mode="given"``) so
-    that every sliding window of the scan quantises with the same codebook, or clear it (``mode="classifier"``)
-    to let the task classifier choose per window.
+    """Inference handler: before each scan, set ``network.task`` to the scan's task index so that every sliding
+    window of the scan quantises with the same codebook (the task's).
 
     The scan's task is the one :class:`medir_monai.inference.LoadScand` resolved (config ``task``, or the DICOM
     Modality tag).
     """
 
-    MODES = ("given", "classifier")
-
-    def __init__(self, network: nn.Module, mode: str = "given"):
-        if mode not in self.MODES:
-            raise ValueError(f"ScanTaskHandler: mode must be one of {self.MODES}, got {mode!r}")
+    def __init__(self, network: nn.Module):
         self.network = network
-        self.mode = mode
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         net = unwrap(self.network)
-        if self.mode == "classifier":
-            net.task = None
-            return
         batch = engine.state.batch
         item = batch[0] if isinstance(batch, (list, tuple)) else batch
         net.task = get_task(item["task"]).index

@@ -53,7 +53,7 @@ def format_report(means: dict[str, dict[str, float]], model_name: str = "model",
     header += " | Average PSNR | Average SSIM |"
     sep = "|" + "---|" * (1 + 3 * len(tasks) + 2)
     lines = [f"# Evaluation of {model_name}", "",
-             "Paper convention (DESIGN.md section 5): per slice, de-normalised, clipped to the task's eval window, "
+             "Paper convention (docs/design.md, section 5): per slice, de-normalised, clipped to the task's eval window, "
              "data range = max - min of the label slice; SSIM 11x11 Gaussian, zero padding. Mean over slices.", ""]
     if counts:
         lines.append("Slices: " + ", ".join(f"{t} {counts.get(t, 0)}" for t in tasks))

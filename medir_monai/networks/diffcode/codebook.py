@@ -16,22 +16,21 @@ our reading of it (every choice is listed in ``bundles/diffcode/docs/README.md``
 * loss ``L = L1(G(z_q), x) + ||sg[z] - z_q||^2 + beta ||z - sg[z_q]||^2`` with ``beta = 0.25``; the two
   squared norms are means over elements (as in :class:`monai.networks.layers.vector_quantizer.EMAQuantizer`).
 
-The encoder and decoder are MONAI's VQ-VAE ones (:mod:`monai.networks.nets.vqvae`). MONAI's quantiser is not
-reused: it learns its codebook by exponential moving averages and has a single codebook, while the paper trains
-the codebooks by gradient (the ``||sg[z] - z_q||^2`` term) and needs one per task and residual levels.
+The encoder and decoder are the paper's NAF-block ones (:class:`~medir_monai.networks.diffcode.naf.NAFEncoder` /
+``NAFDecoder``: [2, 2, 4, 4] blocks, [64, 128, 256, 256] channels). MONAI's VQ-VAE quantiser is not reused: it
+learns its codebook by exponential moving averages and has a single codebook, while the paper trains the codebooks
+by gradient (the ``||sg[z] - z_q||^2`` term) and needs one per task and residual levels.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets.vqvae import Decoder, Encoder
-
 from ..blocks import crop_to_size, pad_to_multiple
+from .naf import NAFDecoder, NAFEncoder
 
 __all__ = ["TaskCodebookBank", "DiffCodeAutoencoder", "residual_quantize", "codebook_perplexity", "as_task_tensor"]
 
@@ -289,20 +288,16 @@ class DiffCodeAutoencoder(nn.Module):
     registry index of each sample. Inputs whose size is not a multiple of :attr:`downsample_factor` are padded
     (reflect) and the reconstruction cropped back; ``indices`` then cover the padded grid.
 
-    The encoder/decoder are :class:`monai.networks.nets.vqvae.Encoder` / ``Decoder`` (2-D).
+    The encoder / decoder are :class:`~medir_monai.networks.diffcode.naf.NAFEncoder` / ``NAFDecoder``.
 
     Args:
         in_channels: image channels (1).
         num_tasks: codebooks in the bank.
         num_embeddings, embedding_dim, depth, commitment_cost, shared_codebook, depth_loss, codebook_init: see
             :class:`TaskCodebookBank` (paper: 8192, 256, 8, 0.25).
-        channels: encoder widths per down-sampling level (the decoder mirrors them).
-        num_res_layers: residual units per level.
-        num_res_channels: hidden channels of the residual units per level (default: ``channels``).
-        downsample_parameters: ``(stride, kernel, dilation, padding)`` per level; the default halves the size at
-            each level, so the latent grid is ``H / 2**len(channels)``.
-        upsample_parameters: ``(stride, kernel, dilation, padding, output_padding)`` per level.
-        act: activation of the encoder/decoder (MONAI name).
+        channels: encoder widths per level, the last the latent level (paper: 64, 128, 256, 256); the decoder
+            mirrors them. The latent grid is ``H / 2**(len(channels) - 1)``.
+        num_blocks: NAF blocks per level (paper: 2, 2, 4, 4).
     """
 
     def __init__(
@@ -316,57 +311,19 @@ class DiffCodeAutoencoder(nn.Module):
         shared_codebook: bool = True,
         depth_loss: str = "final",
         codebook_init: str = "uniform",
-        channels: Sequence[int] = (64, 128, 256),
-        num_res_layers: int = 2,
-        num_res_channels: Sequence[int] | None = None,
-        downsample_parameters: Sequence[Sequence[int]] | None = None,
-        upsample_parameters: Sequence[Sequence[int]] | None = None,
-        act: str = "RELU",
+        channels: Sequence[int] = (64, 128, 256, 256),
+        num_blocks: Sequence[int] = (2, 2, 4, 4),
     ) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"DiffCodeAutoencoder: in_channels must be >= 1, got {in_channels}.")
-        levels = len(channels)
-        if levels < 1:
-            raise ValueError("DiffCodeAutoencoder: channels must list at least one level.")
-        res_channels = tuple(channels) if num_res_channels is None else tuple(num_res_channels)
-        down = tuple(tuple(p) for p in (downsample_parameters or [(2, 4, 1, 1)] * levels))
-        up = tuple(tuple(p) for p in (upsample_parameters or [(2, 4, 1, 1, 0)] * levels))
-        for name, value in (("num_res_channels", res_channels), ("downsample_parameters", down)):
-            if len(value) != levels:
-                raise ValueError(f"DiffCodeAutoencoder: {name} needs one entry per level ({levels}), got {len(value)}.")
-        if len(up) != levels or any(len(p) != 5 for p in up) or any(len(p) != 4 for p in down):
-            raise ValueError(
-                "DiffCodeAutoencoder: downsample_parameters need 4 and upsample_parameters 5 integers per level."
-            )
         self.in_channels = in_channels
         self.embedding_dim = embedding_dim
         self.num_tasks = num_tasks
+        self.encoder = NAFEncoder(in_channels, embedding_dim, channels, num_blocks)
+        self.decoder = NAFDecoder(embedding_dim, in_channels, channels, num_blocks)
         #: the latent grid is the image size divided by this
-        self.downsample_factor = math.prod(p[0] for p in down)
-        self.encoder = Encoder(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=embedding_dim,
-            channels=tuple(channels),
-            num_res_layers=num_res_layers,
-            num_res_channels=res_channels,
-            downsample_parameters=down,
-            dropout=0.0,
-            act=act,
-        )
-        self.decoder = Decoder(
-            spatial_dims=2,
-            in_channels=embedding_dim,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            num_res_layers=num_res_layers,
-            num_res_channels=res_channels,
-            upsample_parameters=up,
-            dropout=0.0,
-            act=act,
-            output_act=None,
-        )
+        self.downsample_factor = self.encoder.downsample_factor
         self.quantizer = TaskCodebookBank(
             num_tasks,
             num_embeddings=num_embeddings,

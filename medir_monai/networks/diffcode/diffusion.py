@@ -36,8 +36,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets.vqvae import Encoder
 from monai.networks.schedulers import DDPMScheduler
+
+from .naf import NAFEncoder
 
 __all__ = ["LatentDenoiser", "LatentDiffusion"]
 
@@ -106,14 +107,14 @@ class LatentDiffusion(nn.Module):
     Starting training chains from ``q(z_T | z_hq)`` follows DiffIR; with the paper's schedule
     ``sqrt(alphabar_{T-1}) ~ 0.006``, so it is practically the pure noise that inference starts from.
 
-    The condition encoder is a :class:`monai.networks.nets.vqvae.Encoder` with the same down-sampling as the
-    stage-I encoder, so its output tokens sit on the latent grid.
+    The condition encoder is a :class:`~medir_monai.networks.diffcode.naf.NAFEncoder` (the paper's NAF-block
+    encoder, own weights) with the stage-I encoder's levels, so its output tokens sit on the latent grid.
 
     Args:
         in_channels: LQ image channels.
         embedding_dim: latent channels ``C`` (stage I's ``embedding_dim``).
-        channels, num_res_layers, num_res_channels, downsample_parameters, act: condition encoder, as
-            :class:`~medir_monai.networks.diffcode.DiffCodeAutoencoder` (use the same down-sampling).
+        channels, num_blocks: condition encoder levels, as
+            :class:`~medir_monai.networks.diffcode.DiffCodeAutoencoder` (use the same number of levels).
         hidden_dim, num_layers, negative_slope: see :class:`LatentDenoiser`.
         num_train_timesteps: ``T`` (8).
         beta_start, beta_end: end points of the beta schedule (0.1, 0.99).
@@ -128,11 +129,8 @@ class LatentDiffusion(nn.Module):
         self,
         in_channels: int = 1,
         embedding_dim: int = 256,
-        channels: Sequence[int] = (64, 128, 256),
-        num_res_layers: int = 2,
-        num_res_channels: Sequence[int] | None = None,
-        downsample_parameters: Sequence[Sequence[int]] | None = None,
-        act: str = "RELU",
+        channels: Sequence[int] = (64, 128, 256, 256),
+        num_blocks: Sequence[int] = (2, 2, 4, 4),
         hidden_dim: int = 256,
         num_layers: int = 5,
         negative_slope: float = 0.1,
@@ -150,29 +148,13 @@ class LatentDiffusion(nn.Module):
             )
         if not 0.0 < beta_start <= beta_end < 1.0:
             raise ValueError(f"LatentDiffusion: need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}.")
-        levels = len(channels)
-        down = tuple(tuple(p) for p in (downsample_parameters or [(2, 4, 1, 1)] * levels))
-        if len(down) != levels:
-            raise ValueError(f"LatentDiffusion: downsample_parameters needs one entry per level ({levels}).")
         self.in_channels = in_channels
         self.embedding_dim = embedding_dim
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.stochastic = stochastic
-        self.downsample_factor = 1
-        for p in down:
-            self.downsample_factor *= p[0]
-        self.condition_encoder = Encoder(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=embedding_dim,
-            channels=tuple(channels),
-            num_res_layers=num_res_layers,
-            num_res_channels=tuple(channels) if num_res_channels is None else tuple(num_res_channels),
-            downsample_parameters=down,
-            dropout=0.0,
-            act=act,
-        )
+        self.condition_encoder = NAFEncoder(in_channels, embedding_dim, channels, num_blocks)
+        self.downsample_factor = self.condition_encoder.downsample_factor
         self.denoiser = LatentDenoiser(embedding_dim, hidden_dim, num_layers, num_train_timesteps, negative_slope)
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,

@@ -3,13 +3,14 @@
 Chen et al., "All-in-One Medical Image Restoration with Latent Diffusion-Enhanced Vector-Quantized Codebook
 Prior", MICCAI 2025 (https://arxiv.org/abs/2507.19874), Fig. 1. For an LQ image ``y``:
 
-1. the task classifier gives task logits; the task index ``k`` is the one given by the caller (``task``
-   argument or the :attr:`DiffCode.task` attribute) or else ``argmax`` of the logits;
+1. the task classifier reads ``y`` and gives the global gating vector ``V`` (softmax over the experts); the
+   task index ``k`` of the codebook is the one given by the caller (``task`` argument or the
+   :attr:`DiffCode.task` attribute);
 2. stage II estimates the HQ latent ``z_hat`` from ``y`` (reverse diffusion from noise);
 3. ``z_hat`` is re-quantised with codebook ``k`` (residual quantisation) and decoded by the stage-I decoder
    into the prior image ``x_p``;
-4. the routed NAF backbone restores ``cat(y, x_p)``, gated by the task probabilities; the output is added to
-   ``y`` (global residual).
+4. the routed NAF backbone restores ``cat(y, x_p)``, every routing module gated by ``V`` (Eq. 8); the output is
+   added to ``y`` (global residual). Stage III trains with ``L1(restored, x)`` alone (Eq. 7).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..blocks import crop_to_size, pad_to_multiple
 from .codebook import DiffCodeAutoencoder, as_task_tensor
@@ -53,37 +53,33 @@ class DiffCode(nn.Module):
     backbone and the task classifier only.
 
     Which codebook an image uses: ``task`` (int, sequence or ``[B]`` tensor of registry indices) if given, else
-    the :attr:`task` attribute if set (e.g. ``model.task = 1`` before a ``SlidingWindowInferer`` run, so that
-    every window of a volume uses the same codebook), else the classifier's ``argmax``. Training should pass the
-    true task (MONAI trainers: return it in the ``kwargs`` of ``prepare_batch``); the routing gates always use the
-    classifier's probabilities, in training and inference alike.
+    the :attr:`task` attribute (e.g. ``model.task = 1`` before a ``SlidingWindowInferer`` run, so that every
+    window of a volume uses the same codebook); one of them is required. Training passes the true task (MONAI
+    trainers: return it in the ``kwargs`` of ``prepare_batch``). The routing is gated by the classifier's ``V`` in
+    training and inference alike; the classifier has no loss of its own and learns through ``V`` from the L1.
 
     After every forward the model keeps (overwritten by the next forward; Python attributes, not exported):
-
-    * ``aux_loss``: ``classification_weight * CE(task_logits, task)`` (only when a task was given) ``+
-      balance_weight * routing balance``, 0-dim float32, with gradient in training: train with
-      ``L1(restored, HQ) + aux_loss`` (e.g. ``RestorationLoss(network, aux_weight=1.0)``);
-    * ``last_task_logits``: ``[B, num_tasks]`` classifier logits (with gradient in training, for a custom loss);
-    * ``last_task``: ``[B]`` task indices used for the codebooks; ``last_prior``: ``[B, 1, H, W]`` decoded prior;
-    * ``last_routing``: one ``[B]`` int64 tensor of top-1 experts per routing module.
+    ``last_gate`` ``[B, num_experts]`` (``V``), ``last_task`` ``[B]`` (the codebooks used), ``last_prior``
+    ``[B, 1, H, W]`` (decoded prior) and ``last_routing`` (one ``[B]`` int64 tensor of top-1 experts per routing
+    module), all detached.
 
     Args:
         in_channels: image channels (the output has as many).
-        num_tasks: tasks (codebooks, classifier classes).
+        num_tasks: tasks (codebooks).
         autoencoder: stage-I :class:`DiffCodeAutoencoder`, or a mapping of its arguments (``in_channels`` and
             ``num_tasks`` default to the above), or ``None`` for the paper configuration.
         diffusion: stage-II :class:`LatentDiffusion`, a mapping of its arguments, or ``None``; the defaults take
-            ``embedding_dim`` and the encoder layout from the autoencoder.
+            ``embedding_dim`` and the encoder levels from the autoencoder.
         channels, num_blocks: backbone widths and NAF blocks of encoder levels 1-3 and the latent level.
-        num_experts, top_k, gate_gradient, expert_dispatch, expert_expand, routing_levels: routing modules, see
+        num_experts, top_k, expert_dispatch, expert_expand, routing_levels: routing modules, see
             :class:`RoutedNAFNet` / :class:`TaskGlobalRouting`.
         classifier_channels: conv widths of the :class:`TaskClassifier`.
-        classification_weight: weight of the classifier's cross-entropy in ``aux_loss``.
-        balance_weight: weight of the routing balance loss in ``aux_loss`` (the paper states none: 0).
         freeze_prior: keep stage I and II fixed (see above).
         residual: add the LQ input to the backbone output.
         sample_seed: if set, every forward draws the diffusion's starting noise from a generator seeded with it
             (deterministic outputs); ``None`` uses the global RNG as the paper does.
+        task: initial value of the :attr:`task` attribute (registry index; a traced or exported model keeps it as
+            its codebook).
     """
 
     def __init__(
@@ -96,16 +92,14 @@ class DiffCode(nn.Module):
         num_blocks: Sequence[int] = (2, 2, 4, 4),
         num_experts: int = 4,
         top_k: int = 1,
-        gate_gradient: str = "straight_through",
         expert_dispatch: str = "sparse",
         expert_expand: int = 2,
         routing_levels: Sequence[str] = ("encoder1", "encoder2", "encoder3", "latent"),
         classifier_channels: Sequence[int] = (32, 64, 128),
-        classification_weight: float = 1.0,
-        balance_weight: float = 0.0,
         freeze_prior: bool = True,
         residual: bool = True,
         sample_seed: int | None = None,
+        task: int | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_tasks < 1:
@@ -116,12 +110,7 @@ class DiffCode(nn.Module):
             DiffCodeAutoencoder, autoencoder, {"in_channels": in_channels, "num_tasks": num_tasks}, "autoencoder"
         )
         ae = self.autoencoder
-        encoder_layout = {
-            "channels": ae.encoder.channels,
-            "num_res_layers": ae.encoder.num_res_layers,
-            "num_res_channels": ae.encoder.num_res_channels,
-            "downsample_parameters": ae.encoder.downsample_parameters,
-        }
+        encoder_layout = {"channels": ae.encoder.channels, "num_blocks": ae.encoder.num_blocks}
         self.diffusion: LatentDiffusion = _build(
             LatentDiffusion,
             diffusion,
@@ -129,35 +118,32 @@ class DiffCode(nn.Module):
             "diffusion",
         )
         self._check_stages()
-        self.task_classifier = TaskClassifier(in_channels, num_tasks, classifier_channels)
+        self.task_classifier = TaskClassifier(in_channels, num_experts, classifier_channels)
         self.backbone = RoutedNAFNet(
             in_channels=2 * in_channels,
             out_channels=in_channels,
             channels=channels,
             num_blocks=num_blocks,
-            num_tasks=num_tasks,
             num_experts=num_experts,
             top_k=top_k,
-            gate_gradient=gate_gradient,
             dispatch=expert_dispatch,
             expert_expand=expert_expand,
             routing_levels=routing_levels,
         )
         self.size_multiple = math.lcm(ae.downsample_factor, RoutedNAFNet.size_multiple)
-        self.classification_weight = float(classification_weight)
-        self.balance_weight = float(balance_weight)
         self.freeze_prior = freeze_prior
         self.residual = residual
         self.sample_seed = sample_seed
-        #: fixed task index for every forward without a ``task`` argument (``None``: use the classifier)
-        self.task: int | None = None
+        if task is not None and not 0 <= int(task) < num_tasks:
+            raise ValueError(f"DiffCode: task must be a registry index in 0..{num_tasks - 1}, got {task}.")
+        #: task index (codebook) of every forward without a ``task`` argument
+        self.task: int | None = None if task is None else int(task)
         if freeze_prior:
             for module in (self.autoencoder, self.diffusion):
                 module.requires_grad_(False)
                 module.eval()
 
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_task_logits: torch.Tensor | None = None
+        self.last_gate: torch.Tensor | None = None
         self.last_task: torch.Tensor | None = None
         self.last_prior: torch.Tensor | None = None
         self.last_routing: list[torch.Tensor] = []
@@ -199,12 +185,14 @@ class DiffCode(nn.Module):
             self.diffusion.load_state_dict(diffusion_state, strict=strict)
 
     # -- pipeline pieces ------------------------------------------------------------------------------------
-    def resolve_task(self, task: Any, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Task index per sample ``[B]`` and whether it was given (argument, then attribute) or inferred."""
+    def resolve_task(self, task: Any, batch: int, device: torch.device) -> torch.Tensor:
+        """Task index per sample ``[B]``: the ``task`` argument, else the :attr:`task` attribute."""
         given = task if task is not None else self.task
         if given is None:
-            return logits.argmax(dim=1), False
-        return as_task_tensor(given, logits.shape[0], self.num_tasks, logits.device, "DiffCode.forward"), True
+            raise ValueError(
+                "DiffCode.forward: which task codebook? pass task= (registry index per sample) or set model.task"
+            )
+        return as_task_tensor(given, batch, self.num_tasks, device, "DiffCode.forward")
 
     def prior(self, lq: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Decoded codebook prior ``[B, C_in, H, W]`` of an LQ image (H, W multiples of :attr:`size_multiple`):
@@ -221,28 +209,15 @@ class DiffCode(nn.Module):
         """Restore ``lq`` ``[B, in_channels, H, W]`` (any H, W: padded to :attr:`size_multiple`, cropped back)."""
         if not torch.jit.is_tracing() and (lq.ndim != 4 or lq.shape[1] != self.in_channels):
             raise ValueError(f"DiffCode.forward: lq must be (B, {self.in_channels}, H, W), got {tuple(lq.shape)}.")
-        logits = self.task_classifier(lq)  # [B, T]
-        task_idx, given = self.resolve_task(task, logits)
+        gate = torch.softmax(self.task_classifier(lq), dim=1)  # V: [B, num_experts], one per image
+        task_idx = self.resolve_task(task, lq.shape[0], lq.device)
         padded, size = pad_to_multiple(lq, self.size_multiple)
         prior = self.prior(padded, task_idx)
-        restored, balance, choices = self.backbone(torch.cat([padded, prior], dim=1), torch.softmax(logits, dim=1))
+        restored, choices = self.backbone(torch.cat([padded, prior], dim=1), gate)
         if self.residual:
             restored = restored + padded
-
-        aux = self.balance_weight * balance
-        if given and self.classification_weight:
-            aux = aux + self.classification_weight * F.cross_entropy(logits.float(), task_idx)
-        self.aux_loss = aux
-        self.last_task_logits = logits if self.training else logits.detach()
+        self.last_gate = gate.detach()
         self.last_task = task_idx.detach()
         self.last_prior = crop_to_size(prior, size).detach()
         self.last_routing = [c.detach() for c in choices]
         return crop_to_size(restored, size)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Copy/pickle support: drop the autograd graphs of the last forward, keep the values."""
-        state = self.__dict__.copy()
-        state["aux_loss"] = self.aux_loss.detach()
-        if self.last_task_logits is not None:
-            state["last_task_logits"] = self.last_task_logits.detach()
-        return state
