@@ -4,7 +4,7 @@ The networks are 2-D and all-in-one (AMIR, TAT, DiffCode, Restormer: ``(B, 1, H,
 the intensity normalisation and the output range are task-specific (docs/design.md, section 2), so every call needs
 a task: given explicitly, or read from the DICOM Modality tag (``CT`` / ``MR`` / ``PT``).
 
-Pipeline of :func:`restore_file` (issue 6)::
+Pipeline of :func:`restore_file`::
 
     read (NIfTI: nibabel; DICOM file / series folder: pydicom; other ITK formats: MONAI ITKReader)
       -> physical units (CT in HU, PET in SUV, MRI raw intensity)

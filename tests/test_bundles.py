@@ -1,4 +1,4 @@
-"""The MONAI bundles run end to end on CPU with tiny overrides (issue "Bundles")."""
+"""The MONAI bundles run end to end on CPU with tiny overrides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MONAI Deploy application and MONAI Label app (issue 6).
+"""MONAI Deploy application and MONAI Label app.
 
 The SDK-free glue (series -> scan, restore, write; model discovery; NIfTI output with DICOM geometry) is tested
 everywhere. The application tests run when the extras are installed (``pip install -e .[deploy]`` /

@@ -1,4 +1,4 @@
-"""The DiffCode bundle: three training stages, evaluation and inference on a tiny authors'-layout dataset (issue 4)."""
+"""The DiffCode bundle: three training stages, evaluation and inference on a tiny authors'-layout dataset."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exports (issue 6): TorchScript by tracing and ONNX for Restormer, AMIR and TAT, checked against eager mode."""
+"""Exports: TorchScript by tracing and ONNX for Restormer, AMIR and TAT, checked against eager mode."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from medir_monai.networks import AMIR, TAT, Restormer
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-4  # issue 6: exported == eager to 1e-4
+TOL = 1e-4  # exported == eager to 1e-4
 TRACED = (1, 1, 32, 32)
 TINY = {"dim": 8, "num_blocks": (1, 1, 1, 1), "num_refinement_blocks": 1}
 # another batch, another size (divisible by 8), a size that needs the in-graph padding

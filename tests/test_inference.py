@@ -1,4 +1,4 @@
-"""Whole-scan restoration (issue 6): sliding window, task resolution, NIfTI / DICOM I/O, safety rules."""
+"""Whole-scan restoration: sliding window, task resolution, NIfTI / DICOM I/O, safety rules."""
 
 from __future__ import annotations
 

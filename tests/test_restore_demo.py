@@ -1,4 +1,4 @@
-"""Restore scans made from the embedded demo data with a tiny *trained* model (issue "Restore real scans")."""
+"""Restore scans made from the embedded demo data with a tiny *trained* model."""
 
 from __future__ import annotations
 

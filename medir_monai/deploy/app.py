@@ -1,6 +1,6 @@
 """MONAI Deploy App SDK application: restore a DICOM series (or a NIfTI volume) and write a new restored series.
 
-Operator graph (issue 6)::
+Operator graph::
 
     DICOM folder:  DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (Modality CT / MR / PT, all matches)
                      -> SeriesToScanOperator ----+

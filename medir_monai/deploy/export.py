@@ -2,7 +2,7 @@
 
 Both exports trace the network on one example input (``torch.jit.trace``; ``torch.onnx.export`` with the
 TorchScript-based exporter, ``dynamo=False``), so what a traced graph can do is decided by the Python code that ran
-while tracing (issue 6):
+while tracing:
 
 * **Restormer**: no size-dependent Python branches; the traced graph restores any batch size and any ``H, W``
   (sizes not divisible by 8 are reflect-padded inside the graph, so each side must be >= 8).
