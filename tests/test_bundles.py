@@ -217,3 +217,26 @@ def test_torchrun_two_processes_on_cpu(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "models" / "model_final.pt").is_file()
     assert not (tmp_path / "runs" / "rank1").exists() or not any((tmp_path / "runs" / "rank1").glob("*val*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_every_package_name_a_config_uses_is_imported_by_the_config_itself(config):
+    """A bundle run imports only what its config's ``imports`` list names: every ``medir_monai.x.y`` the config
+    refers to must resolve in a fresh interpreter after those imports (not thanks to another module's side effect)."""
+    import re
+
+    for bundle in sorted((REPO_ROOT / "bundles").iterdir()):
+        path = bundle / "configs" / config
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        refs = sorted(set(re.findall(r"medir_monai(?:\.[A-Za-z_]\w*)+", text)))
+        imports = "\n".join(line.lstrip("$") for line in json.loads(text)["imports"])
+        check = f"{imports}\nimport functools\nmissing = []\n"
+        check += f"for ref in {refs!r}:\n"
+        check += "    try:\n        functools.reduce(getattr, ref.split('.')[1:], medir_monai)\n"
+        check += "    except AttributeError:\n        missing.append(ref)\nprint(missing)\n"
+        proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (path, proc.stderr[-2000:])
+        assert proc.stdout.strip() == "[]", (path, proc.stdout)
