@@ -77,7 +77,7 @@ def _dose_of(path: Path, root: Path, description: str) -> str | None:
 
 
 def _is_candidate(path: Path) -> bool:
-    from ...inference import looks_like_dicom
+    from ..dicom import looks_like_dicom
 
     return path.is_file() and not path.name.startswith(".") and path.name.upper() != "DICOMDIR" and (
         path.name.lower().endswith(DICOM_SUFFIXES) or looks_like_dicom(path))
@@ -85,7 +85,7 @@ def _is_candidate(path: Path) -> bool:
 
 def _header_slice(path: Path, root: Path) -> CTSlice | None:
     """The :class:`CTSlice` of a file, ``None`` for DICOM that is not a CT image slice (projections, reports)."""
-    from ...inference import read_dicom_header
+    from ..dicom import read_dicom_header
 
     ds = read_dicom_header(path)
     if str(getattr(ds, "Modality", "")).upper() != "CT":
@@ -212,7 +212,7 @@ def pair_mayo(slices: Sequence[CTSlice]) -> dict[str, dict]:
 
 
 def _read_pair(full: CTSlice, quarter: CTSlice) -> tuple[np.ndarray, np.ndarray]:
-    from ...inference import dicom_plane, read_dicom_header
+    from ..dicom import dicom_plane, read_dicom_header
 
     hq = dicom_plane(read_dicom_header(full.path, stop_before_pixels=False), full.path)
     lq = dicom_plane(read_dicom_header(quarter.path, stop_before_pixels=False), quarter.path)

@@ -32,7 +32,7 @@ def load_task_volume(path: str | os.PathLike, task: str) -> MetaTensor:
     Raises:
         DataError: unreadable input, a 2-D image, missing SUV header fields.
     """
-    from ...inference import read_dicom_header, suv_factor
+    from ..dicom import read_dicom_header, suv_factor
 
     task = get_task(task)
     path = Path(path)
