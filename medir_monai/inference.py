@@ -616,16 +616,15 @@ def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
         if tmp.is_file():
             commit_no_clobber(tmp, final)
             return
-        try:  # a folder: rename fails onto an existing non-empty folder or a file
-            if os.path.lexists(final) and not (final.is_dir() and not any(final.iterdir())):
-                raise FileExistsError
+        exists = DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final))
+        if os.path.lexists(final) and not (final.is_dir() and not any(final.iterdir())):
+            raise exists
+        try:  # a folder: rename fails onto a non-empty folder or a file that appeared since the check
             os.rename(tmp, final)
-        except (FileExistsError, IsADirectoryError, NotADirectoryError):
-            raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
         except OSError as err:
-            if err.errno != errno.ENOTEMPTY:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
-            raise DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+            raise exists from None
         return
     if tmp.is_file() and (final.is_file() or not os.path.lexists(final)):
         os.replace(tmp, final)  # atomic for a file

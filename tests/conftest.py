@@ -69,3 +69,21 @@ def checkout_stays_clean():
     yield
     written = sorted(_checkout_files() - before)
     assert not written, f"the test wrote into the checkout: {written[:5]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """``(config, checkpoint)``: a dim-8 Restormer with random weights (seed 0) and the config override that sizes
+    the restormer bundle to it, for running ``medir restore`` fast."""
+    import json
+
+    from medir_monai.networks import Restormer
+
+    folder = tmp_path_factory.mktemp("tiny_bundle")
+    torch.manual_seed(0)
+    ckpt = folder / "model.pt"
+    torch.save(Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1).state_dict(), ckpt)
+    config = folder / "tiny.json"
+    config.write_text(json.dumps({"network_def#dim": 8, "network_def#num_blocks": [1, 1, 1, 1],
+                                  "network_def#num_refinement_blocks": 1, "patch_size": [32, 32]}))
+    return config, ckpt

@@ -27,7 +27,6 @@ from test_bundles import TINY, _write_layout
 
 from medir_monai.atomic import DestinationExistsError, NoSpaceError, atomic_path
 from medir_monai.inference import _atomic_output, read_scan
-from medir_monai.networks import Restormer
 
 AMIR = REPO_ROOT / "bundles" / "amir" / "configs" / "train.json"
 DRIVER = Path(__file__).with_name("killed_run.py")
@@ -131,18 +130,6 @@ def _restore_command(bundle: tuple[Path, Path], source: Path, out: Path, *extra:
     config, ckpt = bundle
     return [sys.executable, "-m", "medir_monai.cli", "restore", "--bundle", str(REPO_ROOT / "bundles" / "restormer"),
             "--config", str(config), "--checkpoint", str(ckpt), "--input", str(source), "--output", str(out), *extra]
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_bundle")
-    torch.manual_seed(0)
-    ckpt = folder / "model.pt"
-    torch.save(Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1).state_dict(), ckpt)
-    config = folder / "tiny.json"
-    config.write_text(json.dumps({"network_def#dim": 8, "network_def#num_blocks": [1, 1, 1, 1],
-                                  "network_def#num_refinement_blocks": 1, "patch_size": [32, 32]}))
-    return config, ckpt
 
 
 @pytest.fixture(scope="module")

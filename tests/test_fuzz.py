@@ -11,7 +11,6 @@ default suite runs the readers on every case and ``medir restore`` on a seeded s
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
@@ -23,14 +22,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from conftest import REPO_ROOT
 from pydicom.data import get_testdata_file
 
 from medir_monai.cli import main
 from medir_monai.data.io import DataError, load_image
 from medir_monai.inference import read_scan
-from medir_monai.networks import Restormer
 from medir_monai.tasks import UnknownTaskError
 
 SEED = int(os.environ.get("MEDIR_FUZZ_SEED", "20261206"))
@@ -330,18 +327,6 @@ def test_readers_never_raise_anything_but_a_clear_error(cases, tmp_path):
             failures.append(f"{case.name}: read with non-finite values")
     assert not failures, f"seed {SEED}: {len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
     assert 0 < refused < len(cases)  # some mutations are harmless, most are refused
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_bundle")
-    torch.manual_seed(0)
-    ckpt = folder / "model.pt"
-    torch.save(Restormer(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1).state_dict(), ckpt)
-    config = folder / "tiny.json"
-    config.write_text(json.dumps({"network_def#dim": 8, "network_def#num_blocks": [1, 1, 1, 1],
-                                  "network_def#num_refinement_blocks": 1, "patch_size": [32, 32]}))
-    return config, ckpt
 
 
 def _restore_cases(cases: list[Case], tiny_bundle, tmp_path: Path, capsys) -> list[str]:

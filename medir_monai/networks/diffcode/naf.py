@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..blocks import ChannelLayerNorm
 
-__all__ = ["SimpleGate", "NAFBlock", "NAFEncoder", "NAFDecoder", "NAF_LAYER_NORM_EPS"]
+__all__ = ["SimpleGate", "NAFBlock", "NAFEncoder", "NAFDecoder", "NAF_LAYER_NORM_EPS", "naf_stage"]
 
 #: NAFNet's layer-norm epsilon
 NAF_LAYER_NORM_EPS = 1e-6
@@ -79,7 +79,8 @@ def _check_levels(owner: str, channels: Sequence[int], num_blocks: Sequence[int]
         raise ValueError(f"{owner}: channels must be >= 1 and num_blocks >= 0, got {channels}, {num_blocks}.")
 
 
-def _naf_stage(dim: int, blocks: int) -> nn.Sequential:
+def naf_stage(dim: int, blocks: int) -> nn.Sequential:
+    """``blocks`` NAF blocks of ``dim`` channels in a row (one level of an encoder, decoder or U-Net)."""
     return nn.Sequential(*[NAFBlock(dim) for _ in range(blocks)])
 
 
@@ -109,7 +110,7 @@ class NAFEncoder(nn.Module):
         self.channels, self.num_blocks = tuple(channels), tuple(num_blocks)
         self.downsample_factor = 2 ** (len(channels) - 1)
         self.intro = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
-        self.levels = nn.ModuleList([_naf_stage(c, n) for c, n in zip(channels, num_blocks)])
+        self.levels = nn.ModuleList([naf_stage(c, n) for c, n in zip(channels, num_blocks)])
         self.downs = nn.ModuleList(
             [nn.Conv2d(channels[i], channels[i + 1], kernel_size=2, stride=2) for i in range(len(channels) - 1)]
         )
@@ -149,7 +150,7 @@ class NAFDecoder(nn.Module):
         self.upsample_factor = 2 ** (len(channels) - 1)
         self.project = nn.Conv2d(in_channels, channels[-1], kernel_size=1)
         # levels[i] works at encoder level i; ups[i] goes from level i+1 to level i
-        self.levels = nn.ModuleList([_naf_stage(c, n) for c, n in zip(channels, num_blocks)])
+        self.levels = nn.ModuleList([naf_stage(c, n) for c, n in zip(channels, num_blocks)])
         self.ups = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv2d(channels[i + 1], channels[i] * 4, kernel_size=1, bias=False), nn.PixelShuffle(2))

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..blocks import ChannelLayerNorm
-from .naf import NAF_LAYER_NORM_EPS, NAFBlock, SimpleGate
+from .naf import NAF_LAYER_NORM_EPS, NAFBlock, SimpleGate, naf_stage
 
 __all__ = ["NAFBlock", "TaskClassifier", "TaskGlobalRouting", "RoutedNAFNet", "ROUTING_POSITIONS"]
 
@@ -199,9 +199,9 @@ class RoutedNAFNet(nn.Module):
         self.routing_levels = tuple(p for p in ROUTING_POSITIONS if p in routing_levels)  # network order
         c = list(channels)
         self.intro = nn.Conv2d(in_channels, c[0], kernel_size=3, padding=1)
-        self.encoders = nn.ModuleList([self._stage(c[i], num_blocks[i]) for i in range(3)])
+        self.encoders = nn.ModuleList([naf_stage(c[i], num_blocks[i]) for i in range(3)])
         self.downs = nn.ModuleList([nn.Conv2d(c[i], c[i + 1], kernel_size=2, stride=2) for i in range(3)])
-        self.latent = self._stage(c[3], num_blocks[3])
+        self.latent = naf_stage(c[3], num_blocks[3])
         # ups[i] goes from level i+2 to level i+1 (i = 0..2); decoders[i] works at level i+1
         self.ups = nn.ModuleList(
             [
@@ -209,7 +209,7 @@ class RoutedNAFNet(nn.Module):
                 for i in range(3)
             ]
         )
-        self.decoders = nn.ModuleList([self._stage(c[i], num_blocks[i]) for i in range(3)])
+        self.decoders = nn.ModuleList([naf_stage(c[i], num_blocks[i]) for i in range(3)])
         self.ending = nn.Conv2d(c[0], out_channels, kernel_size=3, padding=1)
         width = {"encoder1": c[0], "encoder2": c[1], "encoder3": c[2], "latent": c[3]}
         width.update({"decoder1": c[0], "decoder2": c[1], "decoder3": c[2]})
@@ -220,10 +220,6 @@ class RoutedNAFNet(nn.Module):
             dispatch=dispatch,
         )
         self.routing = nn.ModuleDict({p: TaskGlobalRouting(width[p], **route_kw) for p in self.routing_levels})
-
-    @staticmethod
-    def _stage(dim: int, blocks: int) -> nn.Sequential:
-        return nn.Sequential(*[NAFBlock(dim) for _ in range(blocks)])
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not torch.jit.is_tracing():
