@@ -4,7 +4,7 @@ For each fold, the demo corpus's sources (subjects / volumes / scanners, see the
 split into *left out* (one source per task, or two MRI sources) and *training* (all the others); a small model
 is trained with a bundle's training config on the training sources only (validation only once, at the end, on
 the left-out sources: no model selection on them), then every left-out LQ slice is restored with the bundle's
-restore path (:func:`medir_monai.inference.restore_array`, per-scan normalisation and the config's safeguard
+restore path (:func:`medir_monai.restore.restore_array`, per-scan normalisation and the config's safeguard
 included; the last column is the same network without the safeguard) and compared with its HQ. Prints LQ vs restored per task and per left-out source, paper convention (PSNR / SSIM / RMSE in physical
 units, eval window) and MONAI's PSNR / SSIM.
 
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 from medir_monai.data import ensure_demo_dataset  # noqa: E402
 from medir_monai.data.demo import demo_sources  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
-from medir_monai.inference import restore_array  # noqa: E402
+from medir_monai.restore import restore_array  # noqa: E402
 from medir_monai.metrics import monai_metrics, paper_metrics  # noqa: E402
 from medir_monai.safeguard import RestorationSafeguard  # noqa: E402
 from medir_monai.tasks import get_task  # noqa: E402

@@ -6,7 +6,7 @@ Usage::
     python benchmarks/inference.py --models amir --sizes 512x512 --repeats 3
     python benchmarks/inference.py --volumes mri ct pet             # all demo test volumes (long on a CPU)
 
-What is timed is :func:`medir_monai.inference.restore_array` on one input in physical units (normalisation,
+What is timed is :func:`medir_monai.restore.restore_array` on one input in physical units (normalisation,
 network, de-normalisation included), with the paper-configuration networks (random weights: the time does not
 depend on them):
 
@@ -84,7 +84,7 @@ def _worker(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from medir_monai.inference import restore_array
+    from medir_monai.restore import restore_array
     from medir_monai.tasks import get_task
 
     torch.set_num_threads(spec["threads"])

@@ -29,7 +29,7 @@ from medir_monai.data import ensure_demo_dataset  # noqa: E402
 from medir_monai.data.demo import CT_SOURCES, MR_SOURCES_EXTENDED, _load_ct, _mr_slices, demo_sources  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
 from medir_monai.deploy.models import load_bundle_network  # noqa: E402
-from medir_monai.inference import restore_array  # noqa: E402
+from medir_monai.restore import restore_array  # noqa: E402
 from medir_monai.metrics import paper_metrics  # noqa: E402
 from medir_monai.safeguard import RestorationSafeguard  # noqa: E402
 from medir_monai.tasks import get_task  # noqa: E402

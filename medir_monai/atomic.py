@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ __all__ = [
     "NO_SPACE_ERRNOS",
     "atomic_path",
     "commit_no_clobber",
+    "commit_path",
+    "atomic_output",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_save",
@@ -145,3 +149,67 @@ def remove_stale_temporaries(folder: str | os.PathLike, name_glob: str = "*") ->
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree; nothing if it is gone."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def commit_path(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Move ``tmp`` onto ``final``; an existing ``final`` is swapped out first and restored if that fails.
+
+    Without ``overwrite``, a ``final`` that appeared meanwhile (another run writing the same output) is kept:
+    :class:`DestinationExistsError`."""
+    if not overwrite:
+        if tmp.is_file():
+            commit_no_clobber(tmp, final)
+            return
+        exists = DestinationExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final))
+        if os.path.lexists(final) and not (final.is_dir() and not any(final.iterdir())):
+            raise exists
+        try:  # a folder: rename fails onto a non-empty folder or a file that appeared since the check
+            os.rename(tmp, final)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+            raise exists from None
+        return
+    if tmp.is_file() and (final.is_file() or not os.path.lexists(final)):
+        os.replace(tmp, final)  # atomic for a file
+        return
+    if not os.path.lexists(final):
+        os.rename(tmp, final)
+        return
+    backup = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(final, backup)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(backup, final)
+        raise
+    _remove(backup)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path, as_folder: bool, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary file or folder path beside ``final`` (same suffix); rename it to ``final`` on success,
+    delete it on error (a full disk becomes :class:`NoSpaceError` naming ``final``). Without ``overwrite`` an
+    output that another run wrote meanwhile is kept and this one discarded (:class:`DestinationExistsError`)."""
+    if not as_folder:
+        with atomic_path(final, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        commit_path(tmp, final, overwrite)
+    except BaseException as err:
+        _remove(tmp)
+        raise_if_no_space(err, final)
+        raise

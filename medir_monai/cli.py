@@ -176,10 +176,10 @@ def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overri
 
 def _check_inputs_against_profile(ckpt: Path, input_path: Path, task: str | None, strict: bool) -> None:
     """Warn (or, ``strict``, refuse before anything is written) about inputs outside the checkpoint's training
-    profile (the bundles' :class:`~medir_monai.inference.InputGuard`, applied to every input first); a checkpoint
+    profile (the bundles' :class:`~medir_monai.restore.InputGuard`, applied to every input first); a checkpoint
     without one gets a note that inputs are not checked."""
     from .data.io import DataError
-    from .inference import InputGuard, list_inputs, read_scan, resolve_task, task_unit_factor
+    from .restore import InputGuard, list_inputs, read_scan, resolve_task, task_unit_factor
 
     guard = InputGuard(ckpt, strict=strict)
     if not guard.profile:
@@ -217,7 +217,9 @@ def _run_restore(args: argparse.Namespace) -> int:
         parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     if not ckpt.is_file():
-        raise ValueError(f"{ckpt}: no trained weights (train the bundle first or pass --checkpoint)")
+        pretrained = Path(args.bundle) / "configs" / "pretrained.json"
+        hint = f", or use the shipped weights: --config {pretrained}" if pretrained.is_file() else ""
+        raise ValueError(f"{ckpt}: no trained weights (train the bundle first, pass --checkpoint{hint})")
     # the weights are loaded here (also the authors' checkpoints), so drop the bundle's CheckpointLoader; inputs are
     # checked against the training profile here too, all of them before anything is written, so drop its InputGuard
     parser["handlers"] = [h for h in parser["handlers"]
@@ -355,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tasks import UnknownTaskError
 
     from .atomic import NO_SPACE_ERRNOS, NoSpaceError
+    from .weights import WeightsError
 
-    user_errors = (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError, NoSpaceError)
+    user_errors = (DataError, ValueError, FileExistsError, FileNotFoundError, UnknownTaskError, NoSpaceError,
+                   WeightsError)
     args = build_parser().parse_args(argv)
     try:
         try:

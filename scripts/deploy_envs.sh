@@ -10,7 +10,9 @@
 # torch is installed first (TORCH_SPEC, default torch==2.13.0; add e.g.
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU-only wheel).
 # Then the demo inputs are made (scripts/make_deploy_demo.py), the Deploy app restores the DICOM series, and the
-# Label server is started on localhost, asked for /info/ and one /infer/, and stopped.
+# Label server is started on localhost, asked for /info/ and /infer/, and stopped; a scan outside the model's
+# training data must get the input guard's warning in both apps' logs. Last, tests/test_deploy.py and
+# tests/test_export.py run in each environment (the development environment skips the app tests).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,7 +90,16 @@ make_demo() {
 run_deploy() {
   say "MONAI Deploy app: python -m medir_monai.deploy.app -i $DEMO/ct_series -o $DEMO/deploy_out -m $DEMO/amir.ts"
   HOLOSCAN_LOG_LEVEL=WARN "$ROOT/deploy/bin/python" -m medir_monai.deploy.app -i "$DEMO/ct_series" \
-    -o "$DEMO/deploy_out" -m "$DEMO/amir.ts" -l WARN
+    -o "$DEMO/deploy_out" -m "$DEMO/amir.ts" -l WARN 2>&1 | tee "$DEMO/deploy.log"
+  if grep -q "outside the model's training data" "$DEMO/deploy.log"; then
+    echo "  FAIL: the input guard warned on a scan inside the training data" >&2; return 1
+  fi
+  say "MONAI Deploy app on a scan outside the training data (0.1 mm pixels): the guard's warning must reach the log"
+  HOLOSCAN_LOG_LEVEL=WARN "$ROOT/deploy/bin/python" -m medir_monai.deploy.app -i "$DEMO/ct_series_fine" \
+    -o "$DEMO/deploy_out" -m "$DEMO/amir.ts" -l WARN 2>&1 | tee "$DEMO/deploy_fine.log"
+  if ! grep -q "outside the model's training data" "$DEMO/deploy_fine.log"; then
+    echo "  FAIL: no input-guard warning for ct_series_fine" >&2; return 1
+  fi
   "$ROOT/deploy/bin/python" - "$DEMO" <<'EOF'
 import sys
 from pathlib import Path
@@ -105,6 +116,8 @@ hu_in = np.stack([apply_modality_lut(d.pixel_array, d) for d in src])
 hu_out = np.stack([apply_modality_lut(d.pixel_array, d) for d in out])
 print(f"  HU in [{hu_in.min():.0f}, {hu_in.max():.0f}] -> out [{hu_out.min():.1f}, {hu_out.max():.1f}], "
       f"slope {out[0].RescaleSlope} intercept {out[0].RescaleIntercept}, mean |out - in| {np.abs(hu_out - hu_in).mean():.1f} HU")
+assert len(out) == len(src) and out[0].SeriesInstanceUID != src[0].SeriesInstanceUID, "not a new series of all slices"
+assert 0 < np.abs(hu_out - hu_in).mean() < 100, "the restored series is unchanged or far from its input"
 EOF
 }
 
@@ -140,16 +153,34 @@ img, src = nib.load(str(out)), nib.load(str(demo / "studies" / "ct_volume.nii.gz
 a = img.get_fdata(dtype=np.float32)
 print(f"  restored volume: shape {img.shape}, dtype {img.get_data_dtype()}, same affine {np.allclose(img.affine, src.affine)},"
       f" HU [{a.min():.1f}, {a.max():.1f}]")
+assert img.shape == src.shape and np.allclose(img.affine, src.affine), "restored volume not on the input grid"
+req = urllib.request.Request(f"http://127.0.0.1:{port}/infer/amir?image=ct_volume_fine&output=image", method="POST")
+urllib.request.urlopen(req, timeout=600).read()
+print("  /infer/amir?image=ct_volume_fine (0.1 mm pixels, outside the training data): HTTP 200")
 EOF
+  sleep 1
+  if ! grep -q "outside the model's training data" "$log"; then
+    echo "  FAIL: no input-guard warning in the Label server log for ct_volume_fine" >&2; return 1
+  fi
+  grep -m1 "outside the model's training data" "$log" | sed 's/^/  server log: /'
+  if [[ $(grep -c "outside the model's training data" "$log") -ne 1 ]]; then
+    echo "  FAIL: the input guard warned on ct_volume (inside the training data)" >&2; return 1
+  fi
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   trap - EXIT
 }
 
+run_tests() {  # run_tests NAME: the deploy / export tests, which the development environment skips, in NAME's env
+  say "tests in $ROOT/$1: tests/test_deploy.py tests/test_export.py"
+  (cd "$REPO" && "$ROOT/$1/bin/python" -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_export.py \
+    2>&1 | tail -3)
+}
+
 mkdir -p "$ROOT"
 case "$WHAT" in
-  deploy) build_deploy; make_demo "$ROOT/deploy"; run_deploy ;;
-  label)  build_label;  make_demo "$ROOT/label";  run_label ;;
-  all)    build_deploy; build_label; make_demo "$ROOT/deploy"; run_deploy; run_label ;;
+  deploy) build_deploy; make_demo "$ROOT/deploy"; run_deploy; run_tests deploy ;;
+  label)  build_label;  make_demo "$ROOT/label";  run_label; run_tests label ;;
+  all)    build_deploy; build_label; make_demo "$ROOT/deploy"; run_deploy; run_label; run_tests deploy; run_tests label ;;
 esac
 say "done"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medir_monai.data import restoration_dataset
-from medir_monai.inference import restore_array
+from medir_monai.restore import restore_array
 from medir_monai.transforms import (
     ForTasksd,
     RandDoseScaled,

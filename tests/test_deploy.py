@@ -27,7 +27,7 @@ from medir_monai.deploy.export import export_torchscript
 from medir_monai.deploy.label import core as label_core
 from medir_monai.deploy.models import load_restoration_model
 from medir_monai.deploy.series import restore_scan, scan_from_datasets, series_output_name, task_for_scan, write_restored
-from medir_monai.inference import AmbiguousTaskError, read_scan, restore_array, restore_file
+from medir_monai.restore import AmbiguousTaskError, read_scan, restore_array, restore_file
 from medir_monai.networks import AMIR
 
 torch.set_num_threads(1)
@@ -192,6 +192,57 @@ def test_restore_to_nifti_keeps_geometry_and_units(tmp_path, exported):
     assert summary["task"] == "ct_denoise" and nib.load(str(out)).shape == read_scan(folder).array.shape
     with pytest.raises(ValueError, match="NIfTI"):
         label_core.restore_to_nifti(model, source, tmp_path / "r.dcm", task="ct_denoise")
+
+
+SAFEGUARD = {"ct_denoise": {"method": "noise", "lowpass_sigma": 1.5, "window": 5, "object_threshold": -500.0}}
+
+
+def ct_profile(pixel_size_mm: tuple[float, float]) -> dict:
+    """A training profile (the form :func:`medir_monai.data.profile.profile_items` writes) for CT only."""
+    from medir_monai.data.profile import PROFILE_VERSION
+
+    return {"version": PROFILE_VERSION,
+            "tasks": {"ct_denoise": {"slices": 4, "pixel_size_mm": list(pixel_size_mm), "grid": [30, 50]}}}
+
+
+def test_export_carries_settings_and_profile_to_both_apps(tmp_path, tiny_amir):
+    """An export made from a bundle restores with the bundle's safeguard and warns like ``medir restore``."""
+    from medir_monai.deploy.models import check_input
+
+    folder = write_ct_series(tmp_path / "ct")  # 0.8 x 0.7 mm pixels, 40 x 36
+    outside = export_torchscript(tiny_amir, tmp_path / "outside.ts", (1, 1, *ROI), model_name="AMIR-tiny",
+                                 deployment={"settings": {"safeguard": SAFEGUARD},
+                                             "training_profile": ct_profile((2.0, 3.0))})
+    inside = export_torchscript(tiny_amir, tmp_path / "inside.ts", (1, 1, *ROI), model_name="AMIR-tiny",
+                                deployment={"settings": {"safeguard": SAFEGUARD},
+                                            "training_profile": ct_profile((0.5, 1.0))})
+    model = load_restoration_model(outside)
+    assert model.settings == {"safeguard": SAFEGUARD} and model.training_profile == ct_profile((2.0, 3.0))
+    scan = read_scan(folder)
+    message = check_input(model, scan, "ct_denoise")
+    assert message and str(folder) in message and "pixel size" in message and "2.00-3.00 mm" in message
+    assert check_input(load_restoration_model(inside), scan, "ct_denoise") is None
+
+    out, summary = label_core.restore_to_nifti(model, folder, tmp_path / "r.nii.gz")
+    assert summary["guard"] == message  # the Label app's result names the warning
+    guarded = restore_array(model.network, scan.array, "ct_denoise", roi_size=ROI, progress=False, safeguard=SAFEGUARD)
+    plain = restore_array(model.network, scan.array, "ct_denoise", roi_size=ROI, progress=False)
+    written = nib.load(str(out)).get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(written, guarded, atol=1e-3)  # the safeguard of the bundle was applied
+    assert np.abs(written - plain).max() > 1.0
+    _, summary = label_core.restore_to_nifti(load_restoration_model(inside), folder, tmp_path / "i.nii.gz")
+    assert summary["guard"] == "inside the training data"
+
+
+def test_models_without_a_profile_restore_unguarded(tmp_path, exported):
+    from medir_monai.deploy.models import check_input
+
+    model = load_restoration_model(exported)
+    assert model.settings == {} and model.training_profile is None
+    folder = write_ct_series(tmp_path / "ct")
+    assert check_input(model, read_scan(folder), "ct_denoise") is None
+    _, summary = label_core.restore_to_nifti(model, folder, tmp_path / "r.nii.gz")
+    assert summary["guard"] == "no training profile"
 
 
 def test_pydicom_seg_alias_and_label_package_import_without_monailabel():

@@ -26,7 +26,8 @@ from pydicom.data import get_testdata_file
 from test_bundles import TINY, _write_layout
 
 from medir_monai.atomic import DestinationExistsError, NoSpaceError, atomic_path
-from medir_monai.inference import _atomic_output, read_scan
+from medir_monai.atomic import atomic_output
+from medir_monai.restore import read_scan
 
 AMIR = REPO_ROOT / "bundles" / "amir" / "configs" / "train.json"
 DRIVER = Path(__file__).with_name("killed_run.py")
@@ -233,7 +234,7 @@ def test_an_output_written_meanwhile_by_another_run_is_kept(as_folder, tmp_path)
     """The commit of a run that must not overwrite finds the output another run wrote while it worked."""
     final = tmp_path / ("series_restored" if as_folder else "slice_restored.nii.gz")
     with pytest.raises(DestinationExistsError, match="appeared while this run was writing it"):
-        with _atomic_output(final, as_folder=as_folder, overwrite=False) as tmp:
+        with atomic_output(final, as_folder=as_folder, overwrite=False) as tmp:
             (tmp / "IM00001.dcm" if as_folder else tmp).write_bytes(b"ours")
             if as_folder:
                 final.mkdir()
@@ -244,7 +245,7 @@ def test_an_output_written_meanwhile_by_another_run_is_kept(as_folder, tmp_path)
     assert kept.read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]  # our temporary is gone
 
-    with _atomic_output(final, as_folder=as_folder, overwrite=True) as tmp:  # --overwrite: the newer one wins
+    with atomic_output(final, as_folder=as_folder, overwrite=True) as tmp:  # --overwrite: the newer one wins
         (tmp / "IM00001.dcm" if as_folder else tmp).write_bytes(b"ours")
     assert kept.read_bytes() == b"ours" and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 

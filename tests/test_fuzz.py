@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 
 from medir_monai.cli import main
 from medir_monai.data.io import DataError, load_image
-from medir_monai.inference import read_scan
+from medir_monai.restore import read_scan
 from medir_monai.tasks import UnknownTaskError
 
 SEED = int(os.environ.get("MEDIR_FUZZ_SEED", "20261206"))

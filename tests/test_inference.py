@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 
-from medir_monai import inference as inf
+from medir_monai import restore as inf
 from medir_monai.data.io import DataError
 from medir_monai.networks.restormer import Restormer
 from medir_monai.tasks import get_task, task_names
@@ -531,7 +531,7 @@ def test_output_path_for_and_restorer(tmp_path):
 def test_pet_volumes_are_restored_along_their_coronal_axis_ct_along_the_acquisition_axis(tmp_path):
     """PET models learn coronal slices (Task.slice_axis 1): a PET volume is restored plane by plane along the array
     axis that runs anterior-posterior, whatever the file's axis order; CT keeps the acquisition axis."""
-    from medir_monai.inference import LoadScand, prepare_scan_batch, read_scan, scan_slice_axis
+    from medir_monai.restore import LoadScand, prepare_scan_batch, read_scan, scan_slice_axis
 
     seen: list[tuple[int, ...]] = []
 

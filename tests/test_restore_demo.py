@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from medir_monai.data.demo import ensure_demo_dataset, wheel_file
 from medir_monai.data.io import load_image
-from medir_monai.inference import OutputExistsError, restore_file
+from medir_monai.restore import OutputExistsError, restore_file
 from medir_monai.networks.restormer import Restormer
 from medir_monai.tasks import get_task
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medir_monai.handlers import SafeguardHandler
-from medir_monai.inference import ScanInferer, restore_array
+from medir_monai.restore import ScanInferer, restore_array
 from medir_monai.safeguard import RestorationSafeguard, estimate_noise_std, kspace_consistency, noise_consistency
 from medir_monai.tasks import get_task
 from medir_monai.transforms import kspace_truncate, simulate_low_dose_ct

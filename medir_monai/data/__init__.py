@@ -9,7 +9,15 @@ from .dataset import (
     restoration_dataset,
     restoration_transforms,
 )
-from .demo import default_demo_dir, ensure_demo_dataset
+from .bundle_data import (
+    CheckFinited,
+    build_dataset,
+    list_images,
+    prepare_dataset_dir,
+    robust_augmentations,
+    training_profile,
+)
+from .demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 from .io import DataError, load_bin, load_image
 from .layout import expand_to_slices, kept_slice_indices, load_datalist, scan_authors_layout
 from .sampler import TaskBalancedBatchSampler
@@ -31,27 +39,12 @@ __all__ = [
     "NormaliseByTaskd",
     "TaskBalancedBatchSampler",
     "default_demo_dir",
+    "extended_demo_dir",
     "ensure_demo_dataset",
-]
-
-# entry points of the bundle configs
-from .bundle_data import (  # noqa: E402
-    CheckFinited,
-    build_dataset,
-    list_images,
-    prepare_dataset_dir,
-    robust_augmentations,
-    training_profile,
-)
-from .demo import default_demo_dir, ensure_demo_dataset  # noqa: E402
-
-__all__ += [
     "CheckFinited",
     "build_dataset",
     "list_images",
     "prepare_dataset_dir",
     "robust_augmentations",
     "training_profile",
-    "default_demo_dir",
-    "ensure_demo_dataset",
 ]

@@ -21,7 +21,7 @@ from medir_monai.transforms import RandDoseScaled, RandForTasksd, RandIntensityS
 
 from ..tasks import get_task
 from .dataset import restoration_dataset
-from .demo import default_demo_dir, ensure_demo_dataset
+from .demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 from .io import DataError, is_image_file
 from .layout import load_datalist, scan_authors_layout
 
@@ -31,14 +31,17 @@ __all__ = ["build_dataset", "prepare_dataset_dir", "list_images", "robust_augmen
 DATALIST_SPLITS = {"train": "training", "validation": "validation", "test": "test"}
 
 
-def _is_default_demo(path: str | os.PathLike) -> bool:
-    return Path(path).expanduser().resolve() == Path(default_demo_dir()).expanduser().resolve()
+def _same_folder(path: str | os.PathLike, other: str | os.PathLike) -> bool:
+    return Path(path).expanduser().resolve() == Path(other).expanduser().resolve()
 
 
 def prepare_dataset_dir(dataset_dir: str | os.PathLike) -> str:
-    """Make sure ``dataset_dir`` can be read: the embedded demo set is built on first use; anything else must exist."""
-    if _is_default_demo(dataset_dir):
+    """Make sure ``dataset_dir`` can be read: the embedded demo set and the extended corpus
+    (:func:`~medir_monai.data.demo.extended_demo_dir`) are built on first use; anything else must exist."""
+    if _same_folder(dataset_dir, default_demo_dir()):
         return str(ensure_demo_dataset(dataset_dir))
+    if _same_folder(dataset_dir, extended_demo_dir()):
+        return str(ensure_demo_dataset(dataset_dir, verbose=True, extended=True))
     path = Path(dataset_dir).expanduser()
     if not path.exists():
         raise DataError(

@@ -278,7 +278,7 @@ def intensity_reference_transforms(intensity_reference: Mapping[str, Mapping] | 
     """Per-scan normalisation steps (physical units, before the task's range): for each task name, a
     :class:`~medir_monai.transforms.ScaleToReferenced` with the given arguments (``percentile``, ``reference``,
     ...), applied to that task's items only. The same mapping given to the restore path
-    (:func:`medir_monai.inference.restore_array`) keeps training and inference alike."""
+    (:func:`medir_monai.restore.restore_array`) keeps training and inference alike."""
     steps = []
     for task, kwargs in (intensity_reference or {}).items():
         name = get_task(task).name  # unknown task names fail here, with the known ones listed

@@ -224,6 +224,13 @@ def default_demo_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "medir_monai" / "demo"
 
 
+def extended_demo_dir() -> Path:
+    """``$MEDIR_EXTENDED_DIR`` if set, else ``extended`` beside the default demo folder
+    (``~/.cache/medir_monai/extended``): where the bundles' ``pretrained.json`` build and read the extended corpus."""
+    env = os.environ.get("MEDIR_EXTENDED_DIR")
+    return Path(env).expanduser() if env else default_demo_dir().parent / "extended"
+
+
 def wheel_file(module: str, relpath: str) -> Path:
     """A data file inside an installed package (no download); a clear error if it is missing."""
     try:

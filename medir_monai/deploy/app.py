@@ -8,14 +8,16 @@ Operator graph::
                    ScanFileLoaderOperator -------+-> RestoreOperator -> RestoredScanWriterOperator
 
 * The two loaders are the SDK's; :class:`SeriesToScanOperator` turns each selected series into a
-  :class:`~medir_monai.inference.ScanImage` with the same ordering and physical units as ``medir restore``.
+  :class:`~medir_monai.restore.ScanImage` with the same ordering and physical units as ``medir restore``.
 * :class:`RestoreOperator` runs the model given with ``-m`` (a TorchScript file from
   :func:`~medir_monai.deploy.export.export_torchscript` or ``monai.bundle ckpt_export``, an ``.onnx`` file, or a bundle
   folder) slice by slice through MONAI's sliding-window inferer; the task (normalisation and output range) comes from
   the DICOM Modality, or ``--task`` for NIfTI. Values stay float32 in physical units end to end: the SDK's stock
   ``MonaiBundleInferenceOperator`` casts its output image to ``uint8`` (made for label maps), which would destroy a
   restored image, so it is not used.
-* :class:`RestoredScanWriterOperator` writes with :func:`medir_monai.inference.write_scan`: DICOM as a NEW series
+* Inputs outside the training profile recorded with the weights (bundle checkpoints, and exports made from a
+  bundle) are logged as a warning naming the numbers, the same message as ``medir restore``'s.
+* :class:`RestoredScanWriterOperator` writes with :func:`medir_monai.restore.write_scan`: DICOM as a NEW series
   (new Series / SOP Instance UIDs, ``DERIVED\\SECONDARY``, SeriesDescription naming the model, patient and study tags
   kept, 16-bit pixels with RescaleSlope / RescaleIntercept), NIfTI as float32 with the input affine; atomically.
 
@@ -47,10 +49,10 @@ except ImportError as _err:
         "pip install -e .[deploy] (docs/deploy.md)"
     ) from _err
 
-from medir_monai.deploy.models import RestorationModel, load_restoration_model
-from medir_monai.deploy.series import RestoredScan, restore_scan, scan_from_datasets, write_restored
+from medir_monai.deploy.models import RestorationModel, check_input, load_restoration_model
+from medir_monai.deploy.series import RestoredScan, restore_scan, scan_from_datasets, task_for_scan, write_restored
 from medir_monai.data.io import DataError
-from medir_monai.inference import input_kind, read_scan
+from medir_monai.restore import input_kind, read_scan
 from medir_monai.tasks import TASKS, UnknownTaskError, get_task
 
 __all__ = [
@@ -73,9 +75,9 @@ _LOG = logging.getLogger(__name__)
 
 
 class ScanFileLoaderOperator(Operator):
-    """Read one NIfTI / ITK file or single DICOM file with :func:`medir_monai.inference.read_scan`.
+    """Read one NIfTI / ITK file or single DICOM file with :func:`medir_monai.restore.read_scan`.
 
-    Output ``scans``: a one-item list of :class:`~medir_monai.inference.ScanImage`.
+    Output ``scans``: a one-item list of :class:`~medir_monai.restore.ScanImage`.
     """
 
     def __init__(self, fragment: Fragment, *args: Any, input_path: Path, **kwargs: Any) -> None:
@@ -90,7 +92,7 @@ class ScanFileLoaderOperator(Operator):
 
 
 class SeriesToScanOperator(Operator):
-    """Turn the SDK's selected DICOM series into :class:`~medir_monai.inference.ScanImage` objects.
+    """Turn the SDK's selected DICOM series into :class:`~medir_monai.restore.ScanImage` objects.
 
     Input ``study_selected_series_list`` (SDK ``StudySelectedSeries`` list); output ``scans``.
 
@@ -121,7 +123,12 @@ class SeriesToScanOperator(Operator):
 
 
 class RestoreOperator(Operator):
-    """Restore every scan with the model (sliding window, roi = the model's roi) in its task's physical units.
+    """Restore every scan with the model (sliding window, roi = the model's roi) in its task's physical units,
+    with the model's restoration settings (intensity reference, safeguard), as ``medir restore`` does.
+
+    Each scan first goes through the input guard (:func:`~medir_monai.deploy.models.check_input`): a scan outside
+    the weights' training profile is still restored, with one warning in the log naming the numbers (kept in
+    :attr:`warnings`).
 
     Input ``scans``; output ``restored`` (list of :class:`~medir_monai.deploy.series.RestoredScan`).
 
@@ -137,6 +144,7 @@ class RestoreOperator(Operator):
         self.task = task
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
+        self.warnings: list[str] = []
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -146,8 +154,13 @@ class RestoreOperator(Operator):
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         results: list[RestoredScan] = []
         for scan in op_input.receive("scans"):
+            warning = check_input(self.model, scan, task_for_scan(scan, self.task))
+            if warning:
+                _LOG.warning(warning)
+                self.warnings.append(warning)
             item = restore_scan(self.model.network, scan, self.task, roi_size=self.model.roi_size,
-                                overlap=self.overlap, sw_batch_size=self.sw_batch_size, progress=False)
+                                overlap=self.overlap, sw_batch_size=self.sw_batch_size, progress=False,
+                                **self.model.settings)
             _LOG.info(f"restored {scan.path} ({scan.kind}, {item.task.name}, shape {scan.array.shape}) "
                       f"with {self.model.name}")
             results.append(item)
@@ -155,7 +168,7 @@ class RestoreOperator(Operator):
 
 
 class RestoredScanWriterOperator(Operator):
-    """Write each restored scan into ``output_folder`` with :func:`medir_monai.inference.write_scan`.
+    """Write each restored scan into ``output_folder`` with :func:`medir_monai.restore.write_scan`.
 
     Input ``restored``. The written paths are kept in :attr:`written`.
     """

@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,12 @@ def _check_shape(input_shape: Sequence[int], network: torch.nn.Module) -> tuple[
     return shape
 
 
-def _metadata(network: torch.nn.Module, shape: tuple[int, ...], model_name: str | None, fmt: str) -> dict[str, Any]:
+def _metadata(network: torch.nn.Module, shape: tuple[int, ...], model_name: str | None, fmt: str,
+              deployment: Mapping[str, Any] | None = None) -> dict[str, Any]:
     reason = size_dependence(network)
+    carried = {key: deployment[key] for key in ("settings", "training_profile") if deployment and deployment.get(key)}
     return {
+        **carried,
         "model_name": model_name or type(network).__name__,
         "network_class": f"{type(network).__module__}.{type(network).__qualname__}",
         "format": fmt,
@@ -128,6 +131,7 @@ def export_torchscript(
     input_shape: Sequence[int] = DEFAULT_EXPORT_SHAPE,
     model_name: str | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> Path:
     """Trace ``network`` (eval mode, no grad) on a random input of ``input_shape`` and save it with metadata.
 
@@ -142,6 +146,9 @@ def export_torchscript(
         input_shape: ``(B, C, H, W)`` of the example input.
         model_name: name stored in the metadata (default: the class name).
         extra_metadata: more entries for ``metadata.json`` (e.g. the bundle's ``metadata.json`` content).
+        deployment: ``{"settings", "training_profile"}`` of the weights (the info of
+            :func:`~medir_monai.deploy.models.load_bundle_network`), stored in the ``"medir"`` entry so that the
+            Deploy and Label apps restore with the bundle's settings and check inputs with its guard.
 
     Returns:
         the written path.
@@ -149,7 +156,7 @@ def export_torchscript(
     from monai.data import save_net_with_metadata
 
     shape = _check_shape(input_shape, network)
-    meta = _metadata(network, shape, model_name, "torchscript")
+    meta = _metadata(network, shape, model_name, "torchscript", deployment)
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     was_training = network.training
     network.eval()
@@ -176,13 +183,14 @@ def export_onnx(
     input_shape: Sequence[int] = DEFAULT_EXPORT_SHAPE,
     model_name: str | None = None,
     opset_version: int = ONNX_OPSET,
+    deployment: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export ``network`` to ONNX with the TorchScript-based exporter (:func:`monai.networks.utils.convert_to_onnx`).
 
     Input ``"image"``, output ``"pred"``. Batch, height and width are dynamic axes, except for size-dependent
     networks (:func:`size_dependence`), which get static ``H, W`` so that onnxruntime refuses other sizes. The
-    :func:`size_dependence` metadata is stored in the model's ``metadata_props`` (key ``"medir"``, JSON).
-    The file is written atomically.
+    :func:`size_dependence` metadata (and ``deployment``, as in :func:`export_torchscript`) is stored in the
+    model's ``metadata_props`` (key ``"medir"``, JSON). The file is written atomically.
 
     Raises:
         ImportError: ``onnx`` is not installed (``pip install -e .[deploy]``).
@@ -194,7 +202,7 @@ def export_onnx(
     from monai.networks.utils import convert_to_onnx
 
     shape = _check_shape(input_shape, network)
-    meta = _metadata(network, shape, model_name, "onnx")
+    meta = _metadata(network, shape, model_name, "onnx", deployment)
     axes = {0: "batch"} if meta["fixed_size"] else {0: "batch", 2: "height", 3: "width"}
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     example = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -303,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.output_dir)
     stem = Path(args.bundle).resolve().name
     candidates: dict[str, Callable] = {}
-    ts_path = export_torchscript(network, out_dir / f"{stem}.ts", shape, model_name=info["model_name"])
+    ts_path = export_torchscript(network, out_dir / f"{stem}.ts", shape, model_name=info["model_name"], deployment=info)
     candidates["torchscript"] = torch.jit.load(str(ts_path))
     print(f"wrote {ts_path} ({ts_path.stat().st_size / 2**20:.1f} MiB)")
     if args.onnx:
-        onnx_path = export_onnx(network, out_dir / f"{stem}.onnx", shape, model_name=info["model_name"])
+        onnx_path = export_onnx(network, out_dir / f"{stem}.onnx", shape, model_name=info["model_name"],
+                                deployment=info)
         candidates["onnx"] = OnnxNetwork(onnx_path)
         print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MiB)")
     reason = size_dependence(network)

@@ -1,9 +1,12 @@
 """Load a restoration model for deployment: an exported TorchScript / ONNX file or a bundle folder.
 
-The MONAI Deploy application and the MONAI Label app both take one ``--model`` path and need the same four things:
+The MONAI Deploy application and the MONAI Label app both take one ``--model`` path and need the same things:
 a callable network ``(B, 1, H, W) -> (B, 1, H, W)`` in model space ``[0, 1]``, a name to write into the outputs,
-the sliding-window roi (the traced size for exports, the bundle's ``patch_size`` otherwise) and whether the
-network only accepts that size (see :func:`medir_monai.deploy.export.size_dependence`).
+the sliding-window roi (the traced size for exports, the bundle's ``patch_size`` otherwise), whether the
+network only accepts that size (see :func:`medir_monai.deploy.export.size_dependence`), the bundle's restoration
+settings (``intensity_reference``, ``safeguard``: what ``medir restore`` applies around the network) and the
+training profile of its weights (the input guard, :func:`check_input`). An export from a bundle carries the last
+two in its metadata, so a deployed file restores and warns as ``medir restore`` does.
 
 Example::
 
@@ -19,17 +22,17 @@ import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medir_monai.inference import DEFAULT_ROI_SIZE
+from medir_monai.restore import DEFAULT_ROI_SIZE
 
-__all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "load_bundle_network", "load_restoration_model",
-           "model_kind"]
+__all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "check_input", "load_bundle_network",
+           "load_restoration_model", "model_kind"]
 
 METADATA_KEY = "medir"
 """Key of this package's entry in the TorchScript ``metadata.json`` extra file and ONNX ``metadata_props``."""
@@ -96,6 +99,10 @@ class RestorationModel:
         roi_size: sliding-window size to use (traced size of an export, ``patch_size`` of a bundle).
         fixed_size: the network only accepts ``roi_size`` inputs (a traced TAT).
         source: the path it was loaded from.
+        settings: keyword arguments of :func:`~medir_monai.restore.restore_array` that belong to the model
+            (``intensity_reference``, ``safeguard``; empty for an export made without a bundle).
+        training_profile: what the weights' training data looked like (:mod:`medir_monai.data.profile`);
+            ``None`` when the weights record none (no input guard).
     """
 
     network: Callable[[torch.Tensor], Any]
@@ -104,6 +111,27 @@ class RestorationModel:
     roi_size: tuple[int, int]
     fixed_size: bool
     source: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    training_profile: dict[str, Any] | None = None
+
+
+SETTING_KEYS = ("intensity_reference", "safeguard")
+"""Bundle config entries that :func:`~medir_monai.restore.restore_array` applies around the network."""
+
+
+def check_input(model: RestorationModel, scan: Any, task: Any) -> str | None:
+    """The input guard for deployed models: one message naming what of ``scan`` lies outside the training
+    profile of ``model`` for ``task`` (as ``medir restore`` prints it), or ``None`` (inside, or no profile)."""
+    from medir_monai.data.profile import check_scan
+    from medir_monai.restore import scan_pixel_size, task_unit_factor
+    from medir_monai.tasks import get_task
+
+    if not model.training_profile:
+        return None
+    task = get_task(task)
+    image = scan.array * np.float32(task_unit_factor(scan, task))
+    reasons = check_scan(model.training_profile, image, task.name, scan_pixel_size(scan))
+    return f"{scan.path} lies outside the model's training data ({task.name}): {'; '.join(reasons)}" if reasons else None
 
 
 def model_kind(path: str | os.PathLike) -> str:
@@ -140,7 +168,8 @@ def load_bundle_network(
     untrained: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The eval-mode network of a bundle, with its weights, and ``{"model_name", "roi_size", "checkpoint"}``.
+    """The eval-mode network of a bundle, with its weights, and ``{"model_name", "roi_size", "checkpoint",
+    "settings", "training_profile"}`` (see :class:`RestorationModel`).
 
     Reads ``<bundle>/configs/inference.json`` (plus ``config_files`` merged over it, e.g. ``quick.json``), builds
     ``network_def`` and loads ``checkpoint`` (default: the config's ``ckpt_path``) with
@@ -155,6 +184,7 @@ def load_bundle_network(
     from monai.bundle import ConfigParser
 
     from medir_monai.networks import load_official_state_dict
+    from medir_monai.networks.official import load_weights_file
 
     root = Path(bundle).expanduser().resolve()
     main_cfg = root / "configs" / _INFERENCE_CONFIG
@@ -175,10 +205,14 @@ def load_bundle_network(
             raise FileNotFoundError(f"{ckpt}: no trained weights for bundle {root.name} "
                                     "(train it first, pass a checkpoint, or export --untrained for parity checks)")
         load_official_state_dict(network, str(ckpt))
+    saved = load_weights_file(ckpt) if ckpt else None
+    profile = saved.get("training_profile") if isinstance(saved, dict) else None
+    settings = {key: parser.get_parsed_content(key) for key in SETTING_KEYS if key in parser}
     network = network.to(device).eval()
     name = parser.get("model_name", None) or type(network).__name__
     roi = _pair(parser.get_parsed_content("patch_size"), f"{main_cfg} patch_size") if "patch_size" in parser else DEFAULT_ROI_SIZE
-    return network, {"model_name": str(name), "roi_size": roi, "checkpoint": str(ckpt) if ckpt else None}
+    return network, {"model_name": str(name), "roi_size": roi, "checkpoint": str(ckpt) if ckpt else None,
+                     "settings": settings, "training_profile": profile}
 
 
 def _torchscript(path: Path, device: str | torch.device) -> RestorationModel:
@@ -195,7 +229,8 @@ def _torchscript(path: Path, device: str | torch.device) -> RestorationModel:
         spatial = meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("spatial_shape")
         roi = _pair(spatial, f"{path} metadata spatial_shape") if spatial else DEFAULT_ROI_SIZE
     name = ours.get("model_name") or meta.get("name") or path.stem
-    return RestorationModel(network.eval(), str(name), "torchscript", roi, bool(ours.get("fixed_size", False)), path)
+    return RestorationModel(network.eval(), str(name), "torchscript", roi, bool(ours.get("fixed_size", False)), path,
+                            dict(ours.get("settings") or {}), ours.get("training_profile"))
 
 
 def _onnx(path: Path) -> RestorationModel:
@@ -209,7 +244,8 @@ def _onnx(path: Path) -> RestorationModel:
     else:
         roi = DEFAULT_ROI_SIZE
     fixed = bool(meta.get("fixed_size", len(static) == 2))
-    return RestorationModel(network, str(meta.get("model_name") or path.stem), "onnx", roi, fixed, path)
+    return RestorationModel(network, str(meta.get("model_name") or path.stem), "onnx", roi, fixed, path,
+                            dict(meta.get("settings") or {}), meta.get("training_profile"))
 
 
 def load_restoration_model(
@@ -233,4 +269,5 @@ def load_restoration_model(
         return _torchscript(path, device)
     network, info = load_bundle_network(path, config_files=config_files, checkpoint=checkpoint, device=device)
     # an eager network (TAT included) handles any size; fixed_size only describes traced graphs
-    return RestorationModel(network, info["model_name"], "bundle", info["roi_size"], False, path)
+    return RestorationModel(network, info["model_name"], "bundle", info["roi_size"], False, path, info["settings"],
+                            info["training_profile"])

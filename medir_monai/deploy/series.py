@@ -1,10 +1,10 @@
-"""Glue between in-memory DICOM series (e.g. MONAI Deploy's ``DICOMSeries``) and :mod:`medir_monai.inference`.
+"""Glue between in-memory DICOM series (e.g. MONAI Deploy's ``DICOMSeries``) and :mod:`medir_monai.restore`.
 
 MONAI Deploy's loader hands over pydicom datasets, not a folder, so a series becomes a
-:class:`~medir_monai.inference.ScanImage` here with the same rules as :func:`~medir_monai.inference.read_scan`
+:class:`~medir_monai.restore.ScanImage` here with the same rules as :func:`~medir_monai.restore.read_scan`
 (one series, slices ordered along the normal, Modality LUT applied, ``(columns, rows, slices)`` index order); the
-result can then go through :func:`~medir_monai.inference.restore_array` and
-:func:`~medir_monai.inference.write_scan` exactly like a folder read from disk. No SDK import here.
+result can then go through :func:`~medir_monai.restore.restore_array` and
+:func:`~medir_monai.restore.write_scan` exactly like a folder read from disk. No SDK import here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medir_monai.data.io import DataError, check_image
-from medir_monai.inference import (
+from medir_monai.restore import (
     AmbiguousTaskError,
     ScanImage,
     check_one_series,
@@ -47,7 +47,7 @@ class RestoredScan:
 
 
 def scan_from_datasets(datasets: Sequence[Any], path: str | os.PathLike) -> ScanImage:
-    """A :class:`~medir_monai.inference.ScanImage` (kind ``"dicom_series"``) from the pydicom datasets of one series.
+    """A :class:`~medir_monai.restore.ScanImage` (kind ``"dicom_series"``) from the pydicom datasets of one series.
 
     Args:
         datasets: pydicom datasets with pixel data (any order).
@@ -90,7 +90,7 @@ def task_for_scan(scan: ScanImage, task: str | Task | None = None) -> Task:
 
 
 def restore_scan(network: Any, scan: ScanImage, task: str | Task | None = None, **sw_kwargs: Any) -> RestoredScan:
-    """Restore ``scan`` in its task's units (PET: SUV) slice by slice (see :func:`~medir_monai.inference.restore_array`)."""
+    """Restore ``scan`` in its task's units (PET: SUV) slice by slice (see :func:`~medir_monai.restore.restore_array`)."""
     chosen = task_for_scan(scan, task)
     factor = task_unit_factor(scan, chosen)
     sw_kwargs.setdefault("axis", scan_slice_axis(scan, chosen))  # PET: coronal planes, as trained
@@ -110,7 +110,7 @@ def series_output_name(scan: ScanImage, index: int, count: int) -> str:
 
 def write_restored(item: RestoredScan, output_dir: str | os.PathLike, model_name: str, index: int = 0,
                    count: int = 1, overwrite: bool = False) -> Path:
-    """Write ``item`` into ``output_dir`` with :func:`~medir_monai.inference.write_scan` (atomic; a new DERIVED series
+    """Write ``item`` into ``output_dir`` with :func:`~medir_monai.restore.write_scan` (atomic; a new DERIVED series
     for DICOM, float32 NIfTI with the input geometry otherwise)."""
     target = Path(output_dir) / series_output_name(item.scan, index, count)
     return write_scan(item.scan, item.restored, target, item.task, model_name=model_name, overwrite=overwrite,

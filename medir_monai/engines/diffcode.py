@@ -16,7 +16,7 @@ Chen et al., DiffCode, MICCAI 2025 (https://arxiv.org/abs/2507.19874), trained i
   :class:`StageWeightsLoader`; :func:`prepare_task_batch` passes ``task=`` (the codebook) to the forward and
   :class:`DiffCodeLoss` is the paper's Eq. 7, ``L1(restored, HQ)`` alone.
 
-Inference on whole scans (:mod:`medir_monai.inference`) calls the network with the image only; :class:`ScanTaskHandler`
+Inference on whole scans (:mod:`medir_monai.restore`) calls the network with the image only; :class:`ScanTaskHandler`
 sets ``model.task`` from each scan's task so that every window of a scan uses the same codebook.
 """
 
@@ -450,7 +450,7 @@ class ScanTaskHandler:
     """Inference handler: before each scan, set ``network.task`` to the scan's task index so that every sliding
     window of the scan quantises with the same codebook (the task's).
 
-    The scan's task is the one :class:`medir_monai.inference.LoadScand` resolved (config ``task``, or the DICOM
+    The scan's task is the one :class:`medir_monai.restore.LoadScand` resolved (config ``task``, or the DICOM
     Modality tag).
     """
 

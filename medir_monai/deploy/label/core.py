@@ -7,6 +7,7 @@ MONAI Label serves annotation models; an image-to-image model fits as an ``Infer
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from medir_monai.deploy.models import RestorationModel, model_kind
-from medir_monai.deploy.series import restore_scan
-from medir_monai.inference import SERIES_DESCRIPTION_TEMPLATE, ScanImage, read_scan, write_scan
+from medir_monai.deploy.models import RestorationModel, check_input, model_kind
+from medir_monai.deploy.series import restore_scan, task_for_scan
+from medir_monai.restore import SERIES_DESCRIPTION_TEMPLATE, ScanImage, read_scan, write_scan
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -33,6 +34,7 @@ DEFAULT_MODELS = ("amir", "restormer", "tat")
 """Bundles offered when the app config gives no ``models``."""
 _CHECKPOINT = Path("models") / "model.pt"
 _NIFTI_DESCRIP_CHARS = 80  # NIfTI-1 header ``descrip`` field length
+_LOG = logging.getLogger(__name__)
 
 
 def ensure_pydicom_seg_compat() -> bool:
@@ -132,14 +134,17 @@ def restore_to_nifti(
 ) -> tuple[Path, dict[str, Any]]:
     """Restore a NIfTI / ITK file, DICOM file or DICOM series folder and write a float32 NIfTI (physical units).
 
-    NIfTI / ITK inputs keep their header and affine (:func:`~medir_monai.inference.write_scan`); DICOM inputs get
-    :func:`dicom_affine`. ``task=None`` reads it from the DICOM Modality (NIfTI needs it).
+    NIfTI / ITK inputs keep their header and affine (:func:`~medir_monai.restore.write_scan`); DICOM inputs get
+    :func:`dicom_affine`. ``task=None`` reads it from the DICOM Modality (NIfTI needs it). The model's restoration
+    settings apply as in ``medir restore``; a scan outside the weights' training profile
+    (:func:`~medir_monai.deploy.models.check_input`) is restored, logged as a warning and named in the summary.
 
     Returns:
-        the written path and a JSON-able summary (``task``, ``unit``, ``model``, ``shape``, ``min``, ``max``).
+        the written path and a JSON-able summary (``task``, ``unit``, ``model``, ``shape``, ``min``, ``max``,
+        ``guard``: ``"inside the training data"``, ``"no training profile"`` or the warning).
 
     Raises:
-        DataError / AmbiguousTaskError / OutputExistsError: see :mod:`medir_monai.inference`.
+        DataError / AmbiguousTaskError / OutputExistsError: see :mod:`medir_monai.restore`.
     """
     import nibabel as nib
 
@@ -147,8 +152,11 @@ def restore_to_nifti(
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise ValueError(f"{out}: the restored image is written as NIfTI; use a .nii or .nii.gz name")
     scan = read_scan(image_path)
+    warning = check_input(model, scan, task_for_scan(scan, task))
+    if warning:
+        _LOG.warning(warning)
     item = restore_scan(model.network, scan, task, roi_size=model.roi_size, overlap=overlap,
-                        sw_batch_size=sw_batch_size, progress=False)
+                        sw_batch_size=sw_batch_size, progress=False, **model.settings)
     if scan.kind in ("nifti", "itk"):
         write_scan(scan, item.restored, out, item.task, model_name=model.name, overwrite=True)
     else:
@@ -162,5 +170,6 @@ def restore_to_nifti(
         "shape": [int(v) for v in item.restored.shape],
         "min": float(item.restored.min()),
         "max": float(item.restored.max()),
+        "guard": warning or ("inside the training data" if model.training_profile else "no training profile"),
     }
     return out, summary

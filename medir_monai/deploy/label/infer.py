@@ -2,7 +2,7 @@
 
 Needs MONAI Label (``pip install -e .[label]``). The task keeps MONAI Label's request flow (pre-transforms,
 inferer, post-transforms, writer, latencies in the result JSON) but replaces each stage: the pre-transform reads
-the scan in physical units (:func:`medir_monai.inference.read_scan`), the inferer is medir's slice-by-slice sliding
+the scan in physical units (:func:`medir_monai.restore.read_scan`), the inferer is medir's slice-by-slice sliding
 window, and the writer produces a float32 NIfTI instead of an integer label map.
 
 Request keys besides MONAI Label's own (``image``, ``device``, ...): ``task`` (``mri_sr`` / ``ct_denoise`` /

@@ -1,0 +1,148 @@
+"""The trained weights shipped in the package (``medir_monai/weights``): manifest, sha256, size, loading through
+``bundles/<name>/configs/pretrained.json``, the training profile they carry, and one restored slice of each
+test source (real MR and CT of sources the weights never saw in training) that must beat its degraded input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medir_monai import weights
+from medir_monai.weights import WeightsError, manifest, sha256_of, weights_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ("amir", "restormer", "tat")
+LIMIT_BYTES = 25 * 1000 * 1000
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pretrained_config(name: str) -> Path:
+    return REPO / "bundles" / name / "configs" / "pretrained.json"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_manifest_entry_matches_the_shipped_file(name):
+    entry = manifest()[name]
+    path = weights_file(name)  # verifies the sha256
+    assert path.parent == Path(weights.__file__).parent
+    assert path.stat().st_size == entry["bytes"] < LIMIT_BYTES
+    assert sha256_of(path) == entry["sha256"] and len(entry["sha256"]) == 64
+    assert (REPO / entry["card"]).is_file() and (REPO / entry["config"]).samefile(pretrained_config(name))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(saved) == {"model", "training_profile"}
+    dtypes = {v.dtype for v in saved["model"].values() if torch.is_floating_point(v)}
+    assert dtypes == {getattr(torch, entry["dtype"])}
+    assert sum(v.numel() for v in saved["model"].values() if torch.is_floating_point(v)) == entry["parameters"]
+    assert set(saved["training_profile"]["tasks"]) == {"mri_sr", "ct_denoise", "pet_synthesis"}
+
+
+def test_weights_file_names_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(WeightsError, match=r"no shipped weights for model 'diffcode' \(shipped: amir, restormer, tat\)"):
+        weights_file("diffcode")
+    copy = tmp_path / "weights"
+    shutil.copytree(Path(weights.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", copy)
+    target = copy / manifest()["amir"]["file"]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256 .* differs from the manifest"):
+        weights_file("amir")
+    assert weights_file("amir", verify=False) == target
+    target.unlink()
+    with pytest.raises(WeightsError, match="missing; reinstall"):
+        weights_file("amir")
+
+
+def test_medir_restore_refuses_damaged_shipped_weights(tmp_path, monkeypatch, capsys):
+    """A damaged install gives one line and status 2, and writes nothing."""
+    from medir_monai.cli import main
+
+    copy = tmp_path / "weights"
+    shutil.copytree(Path(weights.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", copy)
+    target = copy / manifest()["amir"]["file"]
+    target.write_bytes(target.read_bytes()[:-100])
+    scan = tmp_path / "scan.nii.gz"
+    import nibabel as nib
+
+    nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)).to_filename(str(scan))
+    status = main(["restore", "--bundle", str(REPO / "bundles" / "amir"), "--config", str(pretrained_config("amir")),
+                   "--task", "ct_denoise", "--input", str(scan), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "sha256" in err and "reinstall medir-monai" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_pretrained_config_loads_the_shipped_network(name):
+    from medir_monai.deploy.models import load_bundle_network
+
+    network, info = load_bundle_network(REPO / "bundles" / name, config_files=[pretrained_config(name)])
+    assert Path(info["checkpoint"]) == weights_file(name)
+    shipped = torch.load(weights_file(name), map_location="cpu", weights_only=True)
+    for key, value in network.state_dict().items():
+        assert value.dtype == torch.float32, key  # half-precision storage is widened on load
+        torch.testing.assert_close(value, shipped["model"][key].to(value.dtype), rtol=0, atol=0)
+    assert info["training_profile"] == shipped["training_profile"]
+    config = json.loads(pretrained_config(name).read_text())
+    assert info["settings"] == {"intensity_reference": config["intensity_reference"], "safeguard": config["safeguard"]}
+
+
+@pytest.fixture(scope="module")
+def test_sources(tmp_path_factory):
+    """One slice of each MR / CT test source of the corpus (never in the shipped weights' training)."""
+    from medir_monai.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", max_slices=1, tasks=("mri_sr", "ct_denoise"))
+
+
+@pytest.mark.parametrize("task, folder", [("mri_sr", "MRI"), ("ct_denoise", "CT")])
+def test_shipped_amir_improves_a_slice_of_an_unseen_source(test_sources, task, folder):
+    from medir_monai.data import load_image
+    from medir_monai.deploy.models import load_restoration_model
+    from medir_monai.restore import restore_array
+    from medir_monai.metrics import paper_metrics
+
+    model = load_restoration_model(REPO / "bundles" / "amir", config_files=[pretrained_config("amir")])
+    lq_file = sorted((test_sources / folder / "test" / "LQ").glob("*.nii.gz"))[0]
+    lq = load_image(lq_file).squeeze()
+    hq = load_image(lq_file.parent.parent / "HQ" / lq_file.name).squeeze()
+    with torch.no_grad():
+        restored = restore_array(model.network, lq, task, roi_size=model.roi_size, progress=False, **model.settings)
+    before = paper_metrics(torch.as_tensor(lq), torch.as_tensor(hq), task, normalised=False)
+    after = paper_metrics(torch.as_tensor(np.asarray(restored)), torch.as_tensor(hq), task, normalised=False)
+    assert float(after["psnr"]) > float(before["psnr"]), (lq_file.name, before, after)
+    assert float(after["ssim"]) > float(before["ssim"]), (lq_file.name, before, after)
+
+
+def test_the_wheel_carries_the_weights_and_their_manifest(tmp_path):
+    """``pip wheel`` of the project (built from a copy, so the checkout stays clean) holds every manifest file,
+    byte for byte."""
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in ("medir_monai", "transforms"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("medir_monai-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = json.loads(archive.read("medir_monai/weights/MANIFEST.json"))
+        assert shipped == manifest()
+        for name, entry in shipped.items():
+            data = archive.read(f"medir_monai/weights/{entry['file']}")
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
