@@ -5,7 +5,8 @@ when complete (``os.replace``: atomic on one filesystem), so a process killed at
 previous file or the new one, never a truncated one; on any error the temporary file is removed. A full disk (or
 quota, or file-size limit) becomes :class:`NoSpaceError`, whose message names the destination and says "no space".
 Temporary names start with ``.`` and end with ``.tmp`` plus the final suffix; :func:`remove_stale_temporaries`
-cleans the ones a killed process left behind.
+cleans the ones a killed process left behind. :func:`atomic_output` does the same for a whole folder (a restored
+DICOM series): it is written under a temporary folder name and renamed into place (:func:`commit_path`).
 """
 
 from __future__ import annotations

@@ -273,8 +273,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .analysis import compare_evaluations, format_comparison
 
     result = compare_evaluations(args.a, args.b)
-    print(format_comparison(result, Path(args.a).name or "A", Path(args.b).name or "B"))
+    print(format_comparison(result, *_distinct_labels(Path(args.a), Path(args.b))))
     return 0
+
+
+def _distinct_labels(a: Path, b: Path) -> tuple[str, str]:
+    """Column names for two evaluations: the shortest path tails that tell them apart (``amir/eval/pretrained``
+    and ``restormer/eval/pretrained`` give ``amir/eval/pretrained`` and ``restormer/eval/pretrained``)."""
+    a_parts, b_parts = a.resolve().parts, b.resolve().parts
+    for depth in range(1, max(len(a_parts), len(b_parts)) + 1):
+        label_a, label_b = "/".join(a_parts[-depth:]), "/".join(b_parts[-depth:])
+        if label_a != label_b:
+            return label_a, label_b
+    return "A", "B"
 
 
 def _add_compare(subparsers: argparse._SubParsersAction) -> None:

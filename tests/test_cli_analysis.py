@@ -45,6 +45,15 @@ def test_compare_paired_t_test(tmp_path, capsys):
     assert "| ct_denoise | psnr | 20 |" in out and "yes" in out
 
 
+def test_compare_names_same_named_evaluations_apart(tmp_path, capsys):
+    """Two bundles' ``eval/pretrained`` folders: the columns say which is which."""
+    _metrics_csv(tmp_path / "amir" / "eval" / "pretrained", {"ct_denoise": [30.0, 31.0, 32.5]})
+    _metrics_csv(tmp_path / "tat" / "eval" / "pretrained", {"ct_denoise": [29.0, 30.5, 31.0]})
+    assert main(["compare", str(tmp_path / "amir" / "eval" / "pretrained"), str(tmp_path / "tat" / "eval" / "pretrained")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "| amir/eval/pretrained | tat/eval/pretrained |" in header, header
+
+
 def test_compare_refuses_unrelated_evaluations(tmp_path):
     _metrics_csv(tmp_path / "a", {"ct_denoise": [1.0, 2.0]})
     _metrics_csv(tmp_path / "b", {"mri_sr": [1.0, 2.0]})

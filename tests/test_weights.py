@@ -96,6 +96,21 @@ def test_pretrained_config_loads_the_shipped_network(name):
     assert info["settings"] == {"intensity_reference": config["intensity_reference"], "safeguard": config["safeguard"]}
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_metadata_describes_the_shipped_weights(name):
+    """``metadata.json`` names the shipped weights and their measured figures; MONAI's checks pass with them."""
+    from monai.bundle import verify_net_in_out
+
+    bundle = REPO / "bundles" / name
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert "pretrained.json" in meta["changelog"][meta["version"]] and "not for clinical use" in meta["intended_use"]
+    shipped = meta["eval_metrics"]["shipped_weights_test_sources"]
+    assert set(shipped) == {"mri_sr", "ct_denoise", "pet_synthesis"}
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+                      config_file=[str(bundle / "configs" / "inference.json"), str(pretrained_config(name))],
+                      device="cpu", p=1, n=1, any=8)
+
+
 @pytest.fixture(scope="module")
 def test_sources(tmp_path_factory):
     """One slice of each MR / CT test source of the corpus (never in the shipped weights' training)."""

@@ -594,10 +594,11 @@ def _sources_markdown(counts: dict, seed: int, max_slices: int | None, extended:
         f"| {task} | " + " | ".join(str(len(counts[task].get(split, []))) for split in SPLITS) + " |"
         for task in counts
     )
+    origin = " or, for the extended corpus, an installed Debian package" if extended else ""
     return f"""# medir-monai demo dataset: sources
 
 Built by `medir demo-data` (medir_monai.data.demo, format version {DEMO_VERSION}, seed {seed}, max_slices
-{max_slices}). Nothing was downloaded: every scan comes from a file inside an installed Python wheel.
+{max_slices}). Nothing was downloaded: every scan comes from a file inside an installed Python wheel{origin}.
 Layout: `<TASK>/<split>/<LQ|HQ>/<name>.nii.gz`, 2-D slices in physical units. **For software testing and
 demonstration only; not for clinical use, and not comparable with the papers' numbers.**
 

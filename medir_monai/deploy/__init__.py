@@ -21,6 +21,7 @@ _EXPORTS = {
     "parity_table": "export",
     "size_dependence": "export",
     "RestorationModel": "models",
+    "check_input": "models",
     "load_bundle_network": "models",
     "load_restoration_model": "models",
     "model_kind": "models",

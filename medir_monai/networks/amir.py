@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks.mlp import MLPBlock
 
+from ..losses import cv_squared
 from .blocks import TRANSFORMER_BLOCK_KEY_RULES, pad_to_multiple
 from .official import KeyRule, rename_state_dict
 from .restormer import NUM_LEVELS, Restormer
@@ -58,17 +59,6 @@ _AMIR_KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule("spatial_routing_{name}.moe.experts.{i}.fc2.{p}", "spatial_routing_{name}.moe.experts.{i}.linear2.{p}"),
     KeyRule("spatial_routing_{name}.moe.{buf}", None, {"buf": "mean|std"}),
 )
-
-
-def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation ``var(x) / (mean(x)^2 + eps)`` (unbiased variance), 0 for one entry.
-
-    Shazeer et al. 2017 (https://arxiv.org/abs/1701.06538), Sec. 4, use it to balance expert usage.
-    """
-    x = x.float()
-    if x.numel() <= 1:
-        return x.new_zeros(())
-    return x.var() / (x.mean() ** 2 + eps)
 
 
 def _standard_normal_cdf(z: torch.Tensor) -> torch.Tensor:

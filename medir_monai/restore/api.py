@@ -61,7 +61,7 @@ def restore_file(
 class Restorer:
     """A network plus sliding-window settings, callable on files (:func:`restore_file` with fixed options), for
     scripts that restore many inputs with one model. The bundles' ``inference.json`` uses the MONAI-engine form
-    below (:class:`LoadScand`, :class:`ScanInferer`, :class:`RestoredScanWriter`), which runs the same functions.
+    (:mod:`medir_monai.restore.engine`), which runs the same functions.
 
     Example::
 
