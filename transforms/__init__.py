@@ -14,21 +14,10 @@ from .augment import (
     dose_noise_factor,
 )
 from .kspace import KSpaceTruncate, KSpaceTruncated, central_window, kspace_mask, kspace_truncate
-from .lowdose import (
-    CT_FULL_DOSE_PHOTONS,
-    MU_WATER_PER_MM,
-    PET_FULL_COUNTS,
-    PET_REFERENCE_ACTIVITY,
-    LowDoseCT,
-    LowDoseCTd,
-    LowDosePET,
-    LowDosePETd,
-    gaussian_blur,
-    osem,
-    simulate_low_dose_ct,
-    simulate_pet_pair,
-)
+from .lowdose_ct import CT_FULL_DOSE_PHOTONS, MU_WATER_PER_MM, LowDoseCT, LowDoseCTd, simulate_low_dose_ct
+from .lowdose_pet import PET_FULL_COUNTS, PET_REFERENCE_ACTIVITY, LowDosePET, LowDosePETd, osem, simulate_pet_pair
 from .projector import FBP_FILTERS, ParallelBeamProjector, ramp_filter
+from .simulation import gaussian_blur
 from .slices import (
     Denormalise,
     Denormalised,
