@@ -26,7 +26,8 @@ from monai.bundle import ConfigParser
 REPO = Path(__file__).resolve().parents[1]
 
 from medir_monai.data import ensure_demo_dataset  # noqa: E402
-from medir_monai.data.demo import CT_SOURCES, MR_SOURCES_EXTENDED, _load_ct, _mr_slices, demo_sources  # noqa: E402
+from medir_monai.data.demo import CT_SOURCES, MR_SOURCES_EXTENDED, demo_sources  # noqa: E402
+from medir_monai.data.demo.builders import _load_ct, _mr_slices  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
 from medir_monai.deploy.models import load_bundle_network  # noqa: E402
 from medir_monai.restore import restore_array  # noqa: E402

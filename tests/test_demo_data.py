@@ -203,9 +203,9 @@ def test_ct_from_real_slices_in_hounsfield_units(tmp_path):
 def test_extended_corpus_names_the_missing_debian_package(tmp_path, monkeypatch):
     import medir_monai.data.demo as demo
 
-    missing = demo._MRSource("colin27_t1", "mricron-data", "", str(tmp_path / "nowhere" / "ch2.nii.gz"), "T1",
+    missing = demo.sources._MRSource("colin27_t1", "mricron-data", "", str(tmp_path / "nowhere" / "ch2.nii.gz"), "T1",
                              "train", "nifti", debian=True)
-    monkeypatch.setattr(demo, "MR_SOURCES_EXTENDED", (missing,))
+    monkeypatch.setattr(demo.sources, "MR_SOURCES_EXTENDED", (missing,))
     with pytest.raises(DataError, match=r"Debian package 'mricron-data' \(apt-get install mricron-data\)"):
         ensure_demo_dataset(tmp_path / "ext", max_slices=1, tasks=("mri_sr",), extended=True)
     assert main(["demo-data", "--out", str(tmp_path / "ext2"), "--max-slices", "1", "--tasks", "mri_sr", "--extended",

@@ -11,7 +11,8 @@ from monai.networks.blocks.cablock import FeedForward
 from medir_monai.networks.amir import AMIR, SpatialMoE
 from medir_monai.networks.blocks import GatedFeedForward, channel_attention
 from medir_monai.networks.restormer import Restormer
-from medir_monai.networks.tat import TAT, _depthwise_shift_and_add, per_sample_depthwise_conv
+from medir_monai.networks.tat import TAT, per_sample_depthwise_conv
+from medir_monai.networks.tat_adaptive import _depthwise_shift_and_add
 
 TOL = 1e-5
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 2), num_refinement_blocks=1)

@@ -156,6 +156,9 @@ def test_the_wheel_carries_the_weights_and_their_manifest(tmp_path):
                     str(tmp_path / "dist"), str(source)], check=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("medir_monai-*.whl")
     with zipfile.ZipFile(wheel) as archive:
+        packaged = set(archive.namelist())
+        for init in sorted((REPO / "medir_monai").rglob("__init__.py")):
+            assert f"medir_monai/{init.relative_to(REPO / 'medir_monai')}" in packaged, f"{init}: package not in the wheel"
         shipped = json.loads(archive.read("medir_monai/weights/MANIFEST.json"))
         assert shipped == manifest()
         for name, entry in shipped.items():

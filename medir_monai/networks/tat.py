@@ -18,39 +18,40 @@ image restoration by revisiting global information aggregation", ECCV 2022). Map
 (including the training size) get ordinary global attention. This is size-dependent, not mode-dependent,
 exactly as in the authors' code; pass ``local_window_ratio=None`` to switch it off.
 
-The defaults give the published model (41,687,424 parameters at one input and one output channel).
+The defaults give the published model (41,687,424 parameters at one input and one output channel). The blocks
+live beside this module: the local converter in :mod:`.tat_local`, the adaptive blocks in :mod:`.tat_adaptive`,
+TREN in :mod:`.tat_tren`.
 Checkpoints written by the authors' code load through :meth:`TAT.convert_official_state_dict` (used by
 :func:`medir_monai.networks.official.load_official_state_dict`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.networks.blocks.convolutions import Convolution
 
 from .blocks import (
     TRANSFORMER_BLOCK_KEY_RULES,
     ActivationCheckpointing,
-    ChannelLayerNorm,
-    CheckpointedBlock,
     Downsample,
     OverlapPatchEmbed,
-    TransformerBlock,
     Upsample,
     channel_attention,
-    gate,
-    gated_halves,
-    residual_add,
     crop_to_size,
     pad_to_multiple,
 )
 from .official import KeyRule, rename_state_dict
 from .restormer import check_backbone_config
+from .tat_adaptive import (
+    AdaptiveStage,
+    AdaptiveTransformerBlock,
+    SampleAdaptiveDepthwiseConv,
+    per_sample_depthwise_conv,
+)
+from .tat_local import LocalConverterTransformerBlock, local_converter, local_window_starts, window_at_level
+from .tat_tren import TaskRepresentationEncoder
 
 __all__ = [
     "TAT",
@@ -87,384 +88,7 @@ TAT_KEY_RULES: tuple[KeyRule, ...] = (
 )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# attention and the test-time local converter
-# ----------------------------------------------------------------------------------------------------------
-def local_window_starts(size: int, window: int) -> list[int]:
-    """Start offsets of the overlapping windows covering ``size`` pixels along one axis.
 
-    ``n = ceil(size / window)`` windows of length ``window`` (clipped to ``size``) with the stride
-    ``ceil((size - window) / (n - 1))``; the last window is shifted back to end at ``size`` (the placement
-    used by the authors' local converter).
-    """
-    if size < 1 or window < 1:
-        raise ValueError(f"local_window_starts: size and window must be >= 1, got size={size}, window={window}.")
-    window = min(size, window)
-    count = (size - 1) // window + 1
-    if count == 1:
-        return [0]
-    stride = math.ceil((size - window) / (count - 1) - 1e-8)
-    starts: list[int] = []
-    pos = 0
-    while pos + window < size:
-        starts.append(pos)
-        pos += stride
-    starts.append(size - window)
-    return starts
-
-
-def local_converter(
-    qkv: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor], window: tuple[int, int] | None
-) -> torch.Tensor:
-    """Run ``attend`` on overlapping windows of ``qkv`` and average the results where windows overlap.
-
-    Args:
-        qkv: ``(B, 3C, H, W)``.
-        attend: maps a ``(N, 3C, h, w)`` qkv map to its ``(N, C, h, w)`` attention output.
-        window: ``(height, width)`` of the windows, or None for global attention.
-
-    Returns:
-        ``(B, C, H, W)``. With a single window (map no larger than ``window``) this is ``attend(qkv)``.
-    """
-    if window is None:
-        return attend(qkv)
-    b, _, h, w = qkv.shape
-    win_h, win_w = min(h, window[0]), min(w, window[1])
-    rows, cols = local_window_starts(h, win_h), local_window_starts(w, win_w)
-    if len(rows) == 1 and len(cols) == 1:
-        return attend(qkv)
-    corners = [(i, j) for i in rows for j in cols]
-    # all windows of all samples in one batch: (n * B, 3C, win_h, win_w)
-    windows = torch.cat([qkv[:, :, i : i + win_h, j : j + win_w] for i, j in corners], dim=0)
-    outs = attend(windows)
-    outs = outs.reshape(len(corners), b, *outs.shape[1:])
-    channels_last = not torch.jit.is_tracing() and qkv.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    total = torch.empty((b, outs.shape[2], h, w), dtype=qkv.dtype, device=qkv.device, memory_format=layout).zero_()
-    count = qkv.new_zeros((1, 1, h, w))
-    for n, (i, j) in enumerate(corners):
-        total[:, :, i : i + win_h, j : j + win_w] += outs[n]
-        count[:, :, i : i + win_h, j : j + win_w] += 1.0
-    return total / count
-
-
-def _window_at_level(train_size: tuple[int, int], ratio: float | None, level: int) -> tuple[int, int] | None:
-    """Local-converter window of level ``level`` (0-based): ``int(ratio * train_size // 2**level)`` per axis."""
-    if ratio is None:
-        return None
-    return (int(ratio * train_size[0] // 2**level), int(ratio * train_size[1] // 2**level))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# static (encoder) block
-# ----------------------------------------------------------------------------------------------------------
-class LocalConverterTransformerBlock(TransformerBlock):
-    """The shared Restormer block whose attention goes through the test-time local converter.
-
-    Same parameters (and key names) as :class:`~medir_monai.networks.blocks.TransformerBlock`; only the
-    forward differs when the map is larger than ``window``.
-
-    Args:
-        dim, num_heads, ffn_expansion_factor, bias, layer_norm_bias: as for ``TransformerBlock``.
-        window: ``(height, width)`` of the local-converter windows, or None (always global attention).
-        activation_checkpointing: as for ``TransformerBlock``.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        ffn_expansion_factor: float,
-        bias: bool,
-        layer_norm_bias: bool = True,
-        window: tuple[int, int] | None = None,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(dim, num_heads, ffn_expansion_factor, bias, layer_norm_bias, activation_checkpointing)
-        self.window = window
-
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attn  # ChannelAttention: qkv / qkv_dwconv / project_out convolutions and temperature
-        out = local_converter(
-            attn.mixed_qkv(x), lambda t: channel_attention(t, attn.num_heads, attn.temperature), self.window
-        )
-        return attn.project_out(out)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = residual_add(x, self._attention(self.norm1(x)))
-        return residual_add(x, self.ffn(self.norm2(x)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sample-adaptive (latent / decoder / refinement) block
-# ----------------------------------------------------------------------------------------------------------
-class SampleAdaptiveDepthwiseConv(nn.Module):
-    """Depthwise ``k x k`` conv with one kernel per sample: ``W_b = W_shared + lambda * W_generated(b)``.
-
-    TAT Sec. 2.2. The convolution itself is :func:`per_sample_depthwise_conv`. No bias (as in the authors'
-    code).
-
-    Args:
-        channels: C.
-        kernel_size: k (odd; "same" padding).
-        init: ``"normal"`` (standard normal, the authors' init of the attention kernel) or ``"kaiming"``
-            (Kaiming normal, fan-out, ReLU gain, the authors' init of the feed-forward kernel).
-
-    Shapes: ``forward(x (B, C, H, W), generated (B, C, 1, k, k) or (B, C*k*k)) -> (B, C, H, W)``.
-    """
-
-    def __init__(self, channels: int, kernel_size: int = 3, init: str = "normal") -> None:
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"SampleAdaptiveDepthwiseConv: kernel_size must be odd and >= 1, got {kernel_size}.")
-        self.channels = channels
-        self.kernel_size = kernel_size
-        # W_shared, (1, C, 1, k, k) so it broadcasts against the generated (B, C, 1, k, k)
-        self.weight = nn.Parameter(torch.empty(1, channels, 1, kernel_size, kernel_size))
-        self.lambda_dw = nn.Parameter(torch.zeros(1, channels, 1, 1, 1))
-        if init == "normal":
-            nn.init.normal_(self.weight)
-        elif init == "kaiming":
-            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        else:
-            raise ValueError(f"SampleAdaptiveDepthwiseConv: init must be 'normal' or 'kaiming', got {init!r}.")
-
-    def kernel(self, generated: torch.Tensor, batch: int) -> torch.Tensor:
-        """The per-sample kernels ``W_shared + lambda * W_generated``, ``(B, C, 1, k, k)``."""
-        k = self.kernel_size
-        return self.weight + self.lambda_dw * generated.reshape(batch, self.channels, 1, k, k)
-
-    def forward(self, x: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        return per_sample_depthwise_conv(x, self.kernel(generated, x.shape[0]))
-
-
-def per_sample_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise "same" convolution of each sample of ``x`` (B, C, H, W) with its own ``kernel`` (B, C, 1, k, k).
-
-    Channels-last inputs (and single samples) run one depthwise conv per sample (oneDNN's fast path, layout
-    kept); NCHW batches run as one grouped convolution over ``B * C`` groups; traced graphs use shifted sums.
-    """
-    b, c, h, w = x.shape
-    k = kernel.shape[-1]
-    if torch.jit.is_tracing():
-        return _depthwise_shift_and_add(x, kernel[:, :, 0])
-    if b == 1 or x.is_contiguous(memory_format=torch.channels_last):
-        # no reshape of x: a reshaped channels-last tensor gets strides that make conv2d fall back to NCHW
-        per_sample = kernel.unbind(0)  # B x (C, 1, k, k)
-        outs = [F.conv2d(x[i : i + 1], per_sample[i], padding=k // 2, groups=c) for i in range(b)]
-        return outs[0] if b == 1 else torch.cat(outs)
-    out = F.conv2d(x.reshape(1, b * c, h, w), kernel.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
-    return out.reshape(b, c, h, w)
-
-
-def _depthwise_shift_and_add(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Per-sample depthwise "same" convolution as a sum of ``k*k`` shifted copies of ``x``.
-
-    Same result as the grouped convolution (up to summation order), but the graph does not depend on
-    the batch size, so a model traced with one batch size (``torch.jit.trace``) runs with any other.
-
-    Args:
-        x: ``(B, C, H, W)``.
-        kernel: ``(B, C, k, k)``.
-    """
-    k = kernel.shape[-1]
-    pad = k // 2
-    padded = F.pad(x, (pad, pad, pad, pad))
-    out = torch.zeros_like(x)
-    for dy in range(k):
-        for dx in range(k):
-            # window of padded starting at (dy, dx) with the size of x; negative ends keep it size-agnostic
-            end_y = dy - (k - 1) if dy < k - 1 else None
-            end_x = dx - (k - 1) if dx < k - 1 else None
-            out = out + kernel[:, :, dy, dx, None, None] * padded[:, :, dy:end_y, dx:end_x]
-    return out
-
-
-def _pointwise(in_channels: int, out_channels: int, bias: bool) -> Convolution:
-    """1x1 conv as a MONAI ``Convolution`` (weights under ``.conv``, like the shared blocks)."""
-    return Convolution(2, in_channels, out_channels, kernel_size=1, bias=bias, conv_only=True)
-
-
-class AdaptiveChannelAttention(nn.Module):
-    """MDTA (Restormer Eq. 1) whose qkv depthwise conv takes sample-specific kernels (TAT Sec. 2.2).
-
-    Args:
-        dim: channels C; the generated kernels cover the ``3C`` qkv channels.
-        num_heads: attention heads (divide C).
-        bias: bias of the 1x1 convs.
-        window: local-converter window ``(height, width)`` or None.
-    """
-
-    def __init__(self, dim: int, num_heads: int, bias: bool, window: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.window = window
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = _pointwise(dim, dim * 3, bias)
-        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(dim * 3, init="normal")
-        self.project_out = _pointwise(dim, dim, bias)
-
-    def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        qkv = self.dynamic_dwconv(self.qkv(x), kernel)  # (B, 3C, H, W)
-        out = local_converter(qkv, lambda t: channel_attention(t, self.num_heads, self.temperature), self.window)
-        return self.project_out(out)
-
-
-class AdaptiveGatedFeedForward(nn.Module):
-    """GDFN (Restormer Eq. 2) whose depthwise conv takes sample-specific kernels (TAT Sec. 2.2).
-
-    ``project_out(GELU(x1) * x2)`` with ``(x1, x2) = dwconv(project_in(x))``; hidden width
-    ``int(dim * ffn_expansion_factor)``, the generated kernels cover its ``2x``.
-    """
-
-    def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool) -> None:
-        super().__init__()
-        hidden = int(dim * ffn_expansion_factor)
-        self.project_in = _pointwise(dim, hidden * 2, bias)
-        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(hidden * 2, init="kaiming")
-        self.project_out = _pointwise(hidden, dim, bias)
-
-    def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        kernels = self.dynamic_dwconv.kernel(kernel, x.shape[0])  # (B, 2 * hidden, 1, k, k)
-        x1, x2 = gated_halves(
-            x, self.project_in.conv, lambda h, part: per_sample_depthwise_conv(h, kernels[:, part])
-        )
-        return self.project_out(gate(x1, x2))
-
-
-class AdaptiveTransformerBlock(CheckpointedBlock):
-    """Transformer block with sample-adaptive depthwise kernels: ``x + MDTA(LN(x))``, ``x + GDFN(LN(x))``.
-
-    ``forward(x, attn_kernel, ffn_kernel)``: kernels ``(B, 3C, 1, 3, 3)`` and ``(B, 2*hidden, 1, 3, 3)``.
-    ``activation_checkpointing`` as for :class:`~medir_monai.networks.blocks.TransformerBlock`.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        ffn_expansion_factor: float,
-        bias: bool,
-        layer_norm_bias: bool = True,
-        window: tuple[int, int] | None = None,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(activation_checkpointing)
-        if num_heads < 1 or dim % num_heads != 0:
-            raise ValueError(f"AdaptiveTransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
-        self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
-        self.attn = AdaptiveChannelAttention(dim, num_heads, bias, window)
-        self.norm2 = ChannelLayerNorm(dim, bias=layer_norm_bias)
-        self.ffn = AdaptiveGatedFeedForward(dim, ffn_expansion_factor, bias)
-
-    def _forward(  # type: ignore[override]
-        self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor
-    ) -> torch.Tensor:
-        x = residual_add(x, self.attn(self.norm1(x), attn_kernel))
-        return residual_add(x, self.ffn(self.norm2(x), ffn_kernel))
-
-
-class _AdaptiveStage(nn.ModuleList):
-    """A sequence of :class:`AdaptiveTransformerBlock` sharing the same generated kernels."""
-
-    def forward(self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor) -> torch.Tensor:
-        for block in self:
-            x = block(x, attn_kernel, ffn_kernel)
-        return x
-
-
-# ----------------------------------------------------------------------------------------------------------
-# TREN
-# ----------------------------------------------------------------------------------------------------------
-class _ResidualConvBlock(nn.Module):
-    """``x + Conv3x3(GELU(Conv3x3(x)))`` (convs with bias)."""
-
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        pad = kernel_size // 2
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size, padding=pad),
-            nn.GELU(),
-            nn.Conv2d(channels, channels, kernel_size, padding=pad),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-class TaskRepresentationEncoder(nn.Module):
-    """TREN, the task representation extraction network of TAT (Sec. 2.2), generating depthwise kernels.
-
-    On the **detached** latent input ``(B, 8*dim, H/8, W/8)``: ``PixelShuffle(shuffle)`` to
-    ``8*dim/shuffle**2`` channels, ``Conv3x3 -> GELU``, ``num_res_blocks`` residual conv blocks,
-    ``Conv3x3 (F->F) -> GELU -> Conv3x3 (F->2F) -> GELU -> Conv3x3 (2F->4F) -> GELU`` (no bias), global average
-    pool, ``2 x (Linear(4F->4F) -> GELU)`` and one ``Linear(4F -> C*k*k) -> GELU`` head per kernel group.
-    The stop-gradient means the restoration loss trains TREN only through the generated kernels.
-
-    Args:
-        in_channels: channels of the latent input (before the pixel shuffle).
-        kernel_channels: ``{group name: depthwise channels C}``, one head per entry.
-        features: F (64 in the paper's code).
-        num_res_blocks: residual blocks after the first conv (2).
-        shuffle: pixel-shuffle factor (4); ``in_channels`` must be divisible by ``shuffle**2``.
-        kernel_size: k of the generated depthwise kernels (3).
-
-    ``forward(latent) -> {group name: (B, C, 1, k, k)}``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        kernel_channels: Mapping[str, int],
-        features: int = 64,
-        num_res_blocks: int = 2,
-        shuffle: int = 4,
-        kernel_size: int = 3,
-    ) -> None:
-        super().__init__()
-        if in_channels % (shuffle**2) != 0:
-            raise ValueError(
-                f"TaskRepresentationEncoder: in_channels={in_channels} must be divisible by shuffle**2={shuffle**2}."
-            )
-        self.kernel_size = kernel_size
-        self.shuffle = nn.PixelShuffle(shuffle)
-        width = features * 4  # the representation's length
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels // shuffle**2, features, 3, padding=1),
-            nn.GELU(),
-            *[_ResidualConvBlock(features) for _ in range(num_res_blocks)],
-            nn.Conv2d(features, features, 3, padding=1, bias=False),
-            nn.GELU(),
-            nn.Conv2d(features, features * 2, 3, padding=1, bias=False),
-            nn.GELU(),
-            nn.Conv2d(features * 2, width, 3, padding=1, bias=False),
-            nn.GELU(),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.mlp = nn.Sequential(
-            nn.Linear(width, width, bias=False), nn.GELU(), nn.Linear(width, width, bias=False), nn.GELU()
-        )
-        self.kernel_heads = nn.ModuleDict(
-            {
-                name: nn.Sequential(nn.Linear(width, channels * kernel_size**2, bias=False), nn.GELU())
-                for name, channels in kernel_channels.items()
-            }
-        )
-
-    def representation(self, latent: torch.Tensor) -> torch.Tensor:
-        """The task representation ``(B, 4F)`` (stop-gradient on ``latent``)."""
-        feats = self.encoder(self.shuffle(latent.detach()))  # (B, 4F, 1, 1)
-        return self.mlp(feats.flatten(1))
-
-    def forward(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
-        rep = self.representation(latent)
-        b, k = rep.shape[0], self.kernel_size
-        return {name: head(rep).reshape(b, -1, 1, k, k) for name, head in self.kernel_heads.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# TAT
-# ----------------------------------------------------------------------------------------------------------
 class TAT(ActivationCheckpointing, nn.Module):
     """Task-adaptive transformer (TAT, MICCAI 2025, Sec. 2 and Fig. 2) for 2-D images.
 
@@ -535,7 +159,7 @@ class TAT(ActivationCheckpointing, nn.Module):
         widths = [dim * 2**level for level in range(NUM_LEVELS)]  # channels of levels 1..4
 
         def window(level: int) -> tuple[int, int] | None:
-            return _window_at_level(train_hw, local_window_ratio, level)
+            return window_at_level(train_hw, local_window_ratio, level)
 
         def static_stage(level: int, depth: int) -> nn.Sequential:
             return nn.Sequential(
@@ -553,8 +177,8 @@ class TAT(ActivationCheckpointing, nn.Module):
                 ]
             )
 
-        def adaptive_stage(level: int, width: int, depth: int, num_heads: int) -> _AdaptiveStage:
-            return _AdaptiveStage(
+        def adaptive_stage(level: int, width: int, depth: int, num_heads: int) -> AdaptiveStage:
+            return AdaptiveStage(
                 [
                     AdaptiveTransformerBlock(
                         width,
