@@ -158,8 +158,13 @@ def test_discover_models(tmp_path, exported):
     (bundles / "amir" / "models").mkdir()
     (bundles / "amir" / "models" / "model.pt").write_bytes(b"")
     assert label_core.discover_models({}, bundles) == {"amir": bundles / "amir"}  # only trained bundles
+    (bundles / "tat" / "configs" / "pretrained.json").write_text("{}")  # tat ships weights in the package
+    assert label_core.discover_models({}, bundles) == {"amir": bundles / "amir",
+                                                       "tat": bundles / "tat" / "configs" / "pretrained.json"}
     found = label_core.discover_models({"models": f"tat, fast={exported}"}, bundles)
     assert found == {"tat": bundles / "tat", "fast": exported}
+    found = label_core.discover_models({"models": str(bundles / "tat" / "configs" / "pretrained.json")}, bundles)
+    assert found == {"tat": bundles / "tat" / "configs" / "pretrained.json"}  # named after its bundle
     with pytest.raises(ValueError, match="'nothing'"):
         label_core.discover_models({"models": "nothing"}, bundles)
     with pytest.raises(ValueError, match="used twice"):
@@ -232,6 +237,23 @@ def test_export_carries_settings_and_profile_to_both_apps(tmp_path, tiny_amir):
     assert np.abs(written - plain).max() > 1.0
     _, summary = label_core.restore_to_nifti(load_restoration_model(inside), folder, tmp_path / "i.nii.gz")
     assert summary["guard"] == "inside the training data"
+
+
+def test_a_bundle_config_file_is_a_model_path(tmp_path):
+    """``bundles/amir/configs/pretrained.json`` as ``-m`` / ``--conf models``: the bundle with the shipped weights,
+    their settings and training profile."""
+    from medir_monai.deploy.models import model_kind
+
+    config = REPO_ROOT / "bundles" / "amir" / "configs" / "pretrained.json"
+    assert model_kind(config) == "bundle"
+    model = load_restoration_model(config)
+    assert model.kind == "bundle" and model.roi_size == (64, 64) and model.training_profile is not None
+    assert model.settings["safeguard"]["ct_denoise"]["method"] == "noise"
+    stray = tmp_path / "configs" / "x.json"
+    stray.parent.mkdir()
+    stray.write_text("{}")
+    with pytest.raises(ValueError, match="bundle config file"):
+        model_kind(stray)  # a config outside a bundle
 
 
 def test_models_without_a_profile_restore_unguarded(tmp_path, exported):

@@ -1,4 +1,5 @@
-"""Load a restoration model for deployment: an exported TorchScript / ONNX file or a bundle folder.
+"""Load a restoration model for deployment: an exported TorchScript / ONNX file, a bundle folder or a config file
+of a bundle (``configs/pretrained.json``: the shipped weights).
 
 The MONAI Deploy application and the MONAI Label app both take one ``--model`` path and need the same things:
 a callable network ``(B, 1, H, W) -> (B, 1, H, W)`` in model space ``[0, 1]``, a name to write into the outputs,
@@ -31,8 +32,8 @@ import torch
 
 from medir_monai.restore import DEFAULT_ROI_SIZE
 
-__all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "check_input", "load_bundle_network",
-           "load_restoration_model", "model_kind"]
+__all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "bundle_of_config", "check_input",
+           "load_bundle_network", "load_restoration_model", "model_kind"]
 
 METADATA_KEY = "medir"
 """Key of this package's entry in the TorchScript ``metadata.json`` extra file and ONNX ``metadata_props``."""
@@ -134,8 +135,18 @@ def check_input(model: RestorationModel, scan: Any, task: Any) -> str | None:
     return f"{scan.path} lies outside the model's training data ({task.name}): {'; '.join(reasons)}" if reasons else None
 
 
+def bundle_of_config(path: str | os.PathLike) -> Path | None:
+    """The bundle folder of a config file inside it (``bundles/amir/configs/pretrained.json`` -> ``bundles/amir``),
+    or ``None`` when ``path`` is not a ``.json`` file in a bundle's ``configs/``."""
+    path = Path(path)
+    if path.suffix.lower() == ".json" and path.parent.name == "configs" and (path.parent / _INFERENCE_CONFIG).is_file():
+        return path.parent.parent
+    return None
+
+
 def model_kind(path: str | os.PathLike) -> str:
-    """``"bundle"`` (a folder with ``configs/inference.json``), ``"onnx"`` (``.onnx``) or ``"torchscript"`` (a zip).
+    """``"bundle"`` (a folder with ``configs/inference.json``, or a config file in it such as
+    ``configs/pretrained.json``, merged over ``inference.json``), ``"onnx"`` (``.onnx``) or ``"torchscript"`` (a zip).
 
     Raises:
         FileNotFoundError: missing path. ValueError: anything else, naming the path.
@@ -143,6 +154,8 @@ def model_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: model path does not exist")
+    if path.is_file() and bundle_of_config(path) is not None:
+        return "bundle"
     if path.is_dir():
         if (path / "configs" / _INFERENCE_CONFIG).is_file():
             return "bundle"
@@ -151,7 +164,7 @@ def model_kind(path: str | os.PathLike) -> str:
         return "onnx"
     if zipfile.is_zipfile(path):
         return "torchscript"
-    raise ValueError(f"{path}: not a TorchScript archive (zip), an .onnx file or a bundle folder")
+    raise ValueError(f"{path}: not a TorchScript archive (zip), an .onnx file, a bundle folder or a bundle config file")
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
@@ -255,8 +268,9 @@ def load_restoration_model(
     checkpoint: str | os.PathLike | None = None,
 ) -> RestorationModel:
     """Load a TorchScript archive (``.ts`` / ``.pt`` from :func:`~medir_monai.deploy.export.export_torchscript` or
-    ``monai.bundle ckpt_export``), an ``.onnx`` file or a bundle folder (``config_files`` / ``checkpoint`` only
-    apply to bundles).
+    ``monai.bundle ckpt_export``), an ``.onnx`` file, a bundle folder, or a bundle config file (e.g.
+    ``bundles/amir/configs/pretrained.json``: the shipped weights) (``config_files`` / ``checkpoint`` only apply to
+    bundles).
 
     Raises:
         FileNotFoundError / ValueError: naming the path, for a missing or unrecognised model.
@@ -267,6 +281,8 @@ def load_restoration_model(
         return _onnx(path)
     if kind == "torchscript":
         return _torchscript(path, device)
+    if path.is_file():  # a config file of a bundle: the bundle with that config merged over inference.json
+        path, config_files = bundle_of_config(path), [path, *(config_files or [])]
     network, info = load_bundle_network(path, config_files=config_files, checkpoint=checkpoint, device=device)
     # an eager network (TAT included) handles any size; fixed_size only describes traced graphs
     return RestorationModel(network, info["model_name"], "bundle", info["roi_size"], False, path, info["settings"],

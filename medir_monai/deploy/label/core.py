@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from medir_monai.deploy.models import RestorationModel, check_input, model_kind
+from medir_monai.deploy.models import RestorationModel, bundle_of_config, check_input, model_kind
 from medir_monai.deploy.series import restore_scan, task_for_scan
 from medir_monai.restore import SERIES_DESCRIPTION_TEMPLATE, ScanImage, read_scan, write_scan
+from medir_monai.weights import shipped_models
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -33,6 +34,7 @@ __all__ = [
 DEFAULT_MODELS = ("amir", "restormer", "tat")
 """Bundles offered when the app config gives no ``models``."""
 _CHECKPOINT = Path("models") / "model.pt"
+_PRETRAINED_CONFIG = Path("configs") / "pretrained.json"
 _NIFTI_DESCRIP_CHARS = 80  # NIfTI-1 header ``descrip`` field length
 _LOG = logging.getLogger(__name__)
 
@@ -70,8 +72,10 @@ def discover_models(conf: Mapping[str, Any], bundles_dir: str | os.PathLike | No
     """Infer-task name -> model path from the app config.
 
     ``conf["models"]``: comma-separated entries, each a bundle name under ``bundles_dir`` (``amir``), a bundle folder
-    or an exported model file (``.ts`` / ``.pt`` / ``.onnx``); ``name=path`` sets the task name. Without it, every
-    bundle of :data:`DEFAULT_MODELS` that has trained weights (``models/model.pt``) is offered.
+    or an exported model file (``.ts`` / ``.pt`` / ``.onnx``) or a bundle config file (``bundles/amir/configs/
+    pretrained.json``); ``name=path`` sets the task name. Without it, every bundle of :data:`DEFAULT_MODELS` is
+    offered with its own trained weights (``models/model.pt``), else with the weights shipped in the package
+    (its ``configs/pretrained.json``).
 
     Raises:
         ValueError: an entry that is no model (names the entry), or duplicate task names.
@@ -80,9 +84,12 @@ def discover_models(conf: Mapping[str, Any], bundles_dir: str | os.PathLike | No
     text = str(conf.get("models", "") or "").strip()
     found: dict[str, Path] = {}
     if not text:
+        shipped = set(shipped_models())
         for name in DEFAULT_MODELS:
             if (root / name / _CHECKPOINT).is_file():
                 found[name] = root / name
+            elif name in shipped and (root / name / _PRETRAINED_CONFIG).is_file():
+                found[name] = root / name / _PRETRAINED_CONFIG
         return found
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
@@ -95,7 +102,8 @@ def discover_models(conf: Mapping[str, Any], bundles_dir: str | os.PathLike | No
             model_kind(path)
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"models entry {entry!r}: {err}") from err
-        name = name.strip() or (path.name if path.is_dir() else path.stem)
+        bundle = bundle_of_config(path) if path.is_file() else None
+        name = name.strip() or (path.name if path.is_dir() else bundle.name if bundle else path.stem)
         if name in found:
             raise ValueError(f"models entry {entry!r}: task name {name!r} is used twice; write name=path")
         found[name] = path
