@@ -24,11 +24,9 @@ from pathlib import Path
 import torch
 
 from medir_monai.atomic import atomic_save, atomic_write_bytes
-from medir_monai.weights import MANIFEST_NAME, WEIGHTS_DIR, manifest, sha256_of
+from medir_monai.weights import MANIFEST_NAME, MAX_FILE_BYTES, WEIGHTS_DIR, manifest, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_BYTES = 25 * 1000 * 1000
-"""Largest file the project ships (DEVELOPERS' rule: under 25 MB a file)."""
 
 
 def _cast(state: dict, dtype: torch.dtype) -> dict:
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     target = WEIGHTS_DIR / f"{args.name}.pt"
     atomic_save({"model": _cast(checkpoint["model"], dtype), "training_profile": checkpoint["training_profile"]}, target)
     size = target.stat().st_size
-    if size >= MAX_BYTES:
+    if size >= MAX_FILE_BYTES:
         target.unlink()
         print(f"ship_weights: error: {target} would be {size / 1e6:.1f} MB (limit 25 MB); use --dtype float16",
               file=sys.stderr)

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from medir_monai import weights
-from medir_monai.weights import WeightsError, manifest, sha256_of, weights_file
+from medir_monai.weights import MAX_FILE_BYTES, WeightsError, manifest, sha256_of, weights_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("amir", "restormer", "tat")
-LIMIT_BYTES = 25 * 1000 * 1000
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +31,7 @@ def test_manifest_entry_matches_the_shipped_file(name):
     entry = manifest()[name]
     path = weights_file(name)  # verifies the sha256
     assert path.parent == Path(weights.__file__).parent
-    assert path.stat().st_size == entry["bytes"] < LIMIT_BYTES
+    assert path.stat().st_size == entry["bytes"] < MAX_FILE_BYTES
     assert sha256_of(path) == entry["sha256"] and len(entry["sha256"]) == 64
     assert (REPO / entry["card"]).is_file() and (REPO / entry["config"]).samefile(pretrained_config(name))
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -43,13 +42,19 @@ def test_manifest_entry_matches_the_shipped_file(name):
     assert set(saved["training_profile"]["tasks"]) == {"mri_sr", "ct_denoise", "pet_synthesis"}
 
 
-def test_weights_file_names_what_is_wrong(tmp_path, monkeypatch):
-    with pytest.raises(WeightsError, match=r"no shipped weights for model 'diffcode' \(shipped: amir, restormer, tat\)"):
-        weights_file("diffcode")
+@pytest.fixture
+def amir_copy(tmp_path, monkeypatch) -> Path:
+    """The package's weights copied to ``tmp_path`` and made the shipped ones; returns the copy of ``amir.pt``."""
     copy = tmp_path / "weights"
     shutil.copytree(Path(weights.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     monkeypatch.setattr(weights, "WEIGHTS_DIR", copy)
-    target = copy / manifest()["amir"]["file"]
+    return copy / manifest()["amir"]["file"]
+
+
+def test_weights_file_names_what_is_wrong(amir_copy):
+    with pytest.raises(WeightsError, match=r"no shipped weights for model 'diffcode' \(shipped: amir, restormer, tat\)"):
+        weights_file("diffcode")
+    target = amir_copy
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -61,14 +66,11 @@ def test_weights_file_names_what_is_wrong(tmp_path, monkeypatch):
         weights_file("amir")
 
 
-def test_medir_restore_refuses_damaged_shipped_weights(tmp_path, monkeypatch, capsys):
+def test_medir_restore_refuses_damaged_shipped_weights(tmp_path, amir_copy, capsys):
     """A damaged install gives one line and status 2, and writes nothing."""
     from medir_monai.cli import main
 
-    copy = tmp_path / "weights"
-    shutil.copytree(Path(weights.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    monkeypatch.setattr(weights, "WEIGHTS_DIR", copy)
-    target = copy / manifest()["amir"]["file"]
+    target = amir_copy
     target.write_bytes(target.read_bytes()[:-100])
     scan = tmp_path / "scan.nii.gz"
     import nibabel as nib

@@ -27,6 +27,7 @@ _EXPORTS = {
     "model_kind": "models",
     "RestoredScan": "series",
     "restore_scan": "series",
+    "restore_with_model": "series",
     "scan_from_datasets": "series",
     "task_for_scan": "series",
     "write_restored": "series",

@@ -49,8 +49,8 @@ except ImportError as _err:
         "pip install -e .[deploy] (docs/deploy.md)"
     ) from _err
 
-from medir_monai.deploy.models import RestorationModel, check_input, load_restoration_model
-from medir_monai.deploy.series import RestoredScan, restore_scan, scan_from_datasets, task_for_scan, write_restored
+from medir_monai.deploy.models import RestorationModel, load_restoration_model
+from medir_monai.deploy.series import RestoredScan, restore_with_model, scan_from_datasets, write_restored
 from medir_monai.data.io import DataError
 from medir_monai.restore import input_kind, read_scan
 from medir_monai.tasks import TASKS, UnknownTaskError, get_task
@@ -154,13 +154,11 @@ class RestoreOperator(Operator):
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         results: list[RestoredScan] = []
         for scan in op_input.receive("scans"):
-            warning = check_input(self.model, scan, task_for_scan(scan, self.task))
+            item, warning = restore_with_model(self.model, scan, self.task, overlap=self.overlap,
+                                               sw_batch_size=self.sw_batch_size, progress=False)
             if warning:
                 _LOG.warning(warning)
                 self.warnings.append(warning)
-            item = restore_scan(self.model.network, scan, self.task, roi_size=self.model.roi_size,
-                                overlap=self.overlap, sw_batch_size=self.sw_batch_size, progress=False,
-                                **self.model.settings)
             _LOG.info(f"restored {scan.path} ({scan.kind}, {item.task.name}, shape {scan.array.shape}) "
                       f"with {self.model.name}")
             results.append(item)

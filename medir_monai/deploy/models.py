@@ -123,16 +123,15 @@ SETTING_KEYS = ("intensity_reference", "safeguard")
 def check_input(model: RestorationModel, scan: Any, task: Any) -> str | None:
     """The input guard for deployed models: one message naming what of ``scan`` lies outside the training
     profile of ``model`` for ``task`` (as ``medir restore`` prints it), or ``None`` (inside, or no profile)."""
-    from medir_monai.data.profile import check_scan
-    from medir_monai.restore import scan_pixel_size, task_unit_factor
+    from medir_monai.restore.engine import outside_profile
+    from medir_monai.restore.scans import task_unit_factor
     from medir_monai.tasks import get_task
 
     if not model.training_profile:
         return None
     task = get_task(task)
     image = scan.array * np.float32(task_unit_factor(scan, task))
-    reasons = check_scan(model.training_profile, image, task.name, scan_pixel_size(scan))
-    return f"{scan.path} lies outside the model's training data ({task.name}): {'; '.join(reasons)}" if reasons else None
+    return outside_profile(model.training_profile, scan.path, image, task.name, scan)
 
 
 def bundle_of_config(path: str | os.PathLike) -> Path | None:

@@ -31,9 +31,11 @@ from medir_monai.restore import (
     task_unit_factor,
     write_scan,
 )
+from medir_monai.deploy.models import RestorationModel, check_input
 from medir_monai.tasks import Task, get_task, task_from_modality, task_names
 
-__all__ = ["RestoredScan", "scan_from_datasets", "task_for_scan", "restore_scan", "write_restored", "series_output_name"]
+__all__ = ["RestoredScan", "scan_from_datasets", "task_for_scan", "restore_scan", "restore_with_model", "write_restored",
+           "series_output_name"]
 
 
 @dataclass
@@ -96,6 +98,17 @@ def restore_scan(network: Any, scan: ScanImage, task: str | Task | None = None, 
     sw_kwargs.setdefault("axis", scan_slice_axis(scan, chosen))  # PET: coronal planes, as trained
     restored = restore_array(network, scan.array * np.float32(factor), chosen, **sw_kwargs)
     return RestoredScan(scan=scan, restored=np.asarray(restored, dtype=np.float32), task=chosen, unit_factor=factor)
+
+
+def restore_with_model(model: RestorationModel, scan: ScanImage, task: str | Task | None = None,
+                       **sw_kwargs: Any) -> tuple[RestoredScan, str | None]:
+    """Restore ``scan`` as a deployed model does: its input guard first (:func:`~medir_monai.deploy.models.check_input`),
+    then :func:`restore_scan` with the model's roi and restoration settings. Returns the result and the guard's
+    warning (``None``: inside the training data, or no profile); the caller logs it."""
+    chosen = task_for_scan(scan, task)
+    warning = check_input(model, scan, chosen)
+    item = restore_scan(model.network, scan, chosen, roi_size=model.roi_size, **model.settings, **sw_kwargs)
+    return item, warning
 
 
 def series_output_name(scan: ScanImage, index: int, count: int) -> str:

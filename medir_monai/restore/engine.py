@@ -95,6 +95,17 @@ class ScanInferer(Inferer):
         return restore_array(network, inputs, task, **options)
 
 
+def outside_profile(profile: Mapping[str, Any] | None, path: str | os.PathLike, image: Any, task: str,
+                    scan: ScanImage) -> str | None:
+    """The input guard's message: what of ``scan`` (``image`` in the task's units) lies outside the training
+    ``profile`` for ``task`` (:func:`medir_monai.data.profile.check_scan`), named with ``path``; ``None`` when it
+    lies inside or there is no profile. ``medir restore``, the bundles and the Deploy / Label apps all print it."""
+    from medir_monai.data.profile import check_scan
+
+    reasons = check_scan(profile, image, task, scan_pixel_size(scan))
+    return f"{path} lies outside the model's training data ({task}): {'; '.join(reasons)}" if reasons else None
+
+
 class InputGuard:
     """Evaluator handler checking each scan against the checkpoint's training profile before it is restored
     (:func:`medir_monai.data.profile.check_scan`): a warning naming the numbers, or with ``strict`` a
@@ -124,10 +135,7 @@ class InputGuard:
 
     def check(self, path: str | os.PathLike, image: Any, task: str, scan: ScanImage) -> str | None:
         """One message naming what lies outside the profile for this scan (physical units), or ``None``."""
-        from medir_monai.data.profile import check_scan
-
-        reasons = check_scan(self.profile, image, task, scan_pixel_size(scan))
-        return f"{path} lies outside the model's training data ({task}): {'; '.join(reasons)}" if reasons else None
+        return outside_profile(self.profile, path, image, task, scan)
 
     def __call__(self, engine: Any) -> None:
         item = engine.state.batch[0]

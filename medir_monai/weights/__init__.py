@@ -13,10 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["WeightsError", "manifest", "shipped_models", "sha256_of", "weights_file"]
+__all__ = ["MAX_FILE_BYTES", "WeightsError", "manifest", "shipped_models", "sha256_of", "weights_file"]
 
 WEIGHTS_DIR = Path(__file__).parent
 MANIFEST_NAME = "MANIFEST.json"
+MAX_FILE_BYTES = 25 * 1000 * 1000
+"""Largest weights file the package ships (25 MB): a larger model is stored in float16."""
 
 
 class WeightsError(RuntimeError):

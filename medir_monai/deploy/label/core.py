@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from medir_monai.deploy.models import RestorationModel, bundle_of_config, check_input, model_kind
-from medir_monai.deploy.series import restore_scan, task_for_scan
+from medir_monai.deploy.models import RestorationModel, bundle_of_config, model_kind
+from medir_monai.deploy.series import restore_with_model
 from medir_monai.restore import SERIES_DESCRIPTION_TEMPLATE, ScanImage, read_scan, write_scan
 from medir_monai.weights import shipped_models
 
@@ -160,11 +160,9 @@ def restore_to_nifti(
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise ValueError(f"{out}: the restored image is written as NIfTI; use a .nii or .nii.gz name")
     scan = read_scan(image_path)
-    warning = check_input(model, scan, task_for_scan(scan, task))
+    item, warning = restore_with_model(model, scan, task, overlap=overlap, sw_batch_size=sw_batch_size, progress=False)
     if warning:
         _LOG.warning(warning)
-    item = restore_scan(model.network, scan, task, roi_size=model.roi_size, overlap=overlap,
-                        sw_batch_size=sw_batch_size, progress=False, **model.settings)
     if scan.kind in ("nifti", "itk"):
         write_scan(scan, item.restored, out, item.task, model_name=model.name, overwrite=True)
     else:
