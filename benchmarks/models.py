@@ -5,6 +5,7 @@ Usage::
     python benchmarks/models.py                                  # our models: params, GFLOPs, times, memory
     python benchmarks/models.py --reference ~/src/AMIR ~/src/TAT ~/src/Restormer
     python benchmarks/models.py --models amir --train-batch 1 --repeats 3
+    python benchmarks/models.py --models amir --reference ~/src/AMIR --isa avx2   # AVX2 kernels on any x86 CPU
 
 ``--reference`` takes local clones of the authors' repositories (never committed or vendored here):
 ``Yaziwel/All-In-One-Medical-Image-Restoration-via-Task-Adaptive-Routing`` (``model/Model_AMIR.py``),
@@ -18,6 +19,11 @@ reference. Memory is measured in a fresh process per model: the growth of the re
 
 Our table also times a training step with ``activation_checkpointing`` at ``--train-batch`` and, once and without
 warm-up, at the papers' batch (``--paper-batch``, 8 x 128x128), with that process's peak resident set.
+
+``--isa avx2`` / ``--isa avx512`` sets ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` for this process and its
+workers, so PyTorch's and oneDNN's kernels are those an AVX2-only (or AVX-512) CPU runs; the header prints the
+capability PyTorch reports and the CPU model. Figures of different CPU kinds are not comparable; ratios measured in
+the same run are.
 
 Times are CPU times of ``torch.set_num_threads(--threads)``; on a shared machine compare figures from the same run
 only. Forward GFLOPs are counted with ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs).
@@ -56,6 +62,8 @@ CHECKPOINTABLE = ("restormer", "amir", "tat")
 BALANCE_WEIGHT = 1e-3
 LEARNING_RATE = 2e-4
 TRAIN_PATCH = 128
+#: ``--isa`` choice -> (ATen capability, oneDNN ISA cap); "native" leaves the variables as they are
+ISA_ENVIRONMENT = {"avx2": ("avx2", "AVX2"), "avx512": ("avx512", "AVX512_CORE")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +269,27 @@ def _times(result: dict | None, impl: str) -> list[float] | None:
     return (result or {}).get("times", {}).get(impl)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def select_isa(isa: str) -> None:
+    """Set the kernel-selection variables of ``isa`` before torch is imported (inherited by the workers)."""
+    if isa == "native":
+        return
+    aten, onednn = ISA_ENVIRONMENT[isa]
+    os.environ["ATEN_CPU_CAPABILITY"] = aten
+    os.environ["ONEDNN_MAX_CPU_ISA"] = onednn
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -272,6 +301,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2, help="patches per timed training step")
     parser.add_argument("--paper-batch", type=int, default=8,
                         help="patches of the activation-checkpointing step (the papers' batch); 0 skips it")
+    parser.add_argument("--isa", choices=["native", *ISA_ENVIRONMENT], default="native",
+                        help="kernels to run: the CPU's best (native) or capped at AVX2 / AVX-512")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--what", default="train", help=argparse.SUPPRESS)
@@ -284,12 +315,15 @@ def main() -> None:
     if args.worker:
         run_worker_here(args, WORKERS)
         return
+    select_isa(args.isa)
 
     import torch
 
     started = time.perf_counter()
     print(f"# benchmarks/models.py  {time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads, repeats {args.repeats} (+1 warm-up)")
+    print(f"# CPU: {cpu_model()}; kernels: {torch.backends.cpu.get_cpu_capability()} (--isa {args.isa}"
+          f"{', ONEDNN_MAX_CPU_ISA=' + os.environ['ONEDNN_MAX_CPU_ISA'] if 'ONEDNN_MAX_CPU_ISA' in os.environ else ''})")
     refs = {name: find_reference(name, args.reference) for name in args.models} if args.reference else {}
     for name in args.models:
         if args.reference and name in REFERENCE and refs[name] is None:

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks.cablock import FeedForward
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from medir_monai.networks import blocks
 from medir_monai.networks.amir import AMIR, SpatialMoE
 from medir_monai.networks.blocks import GatedFeedForward, channel_attention
 from medir_monai.networks.restormer import Restormer
@@ -145,6 +148,52 @@ def test_layout_and_checkpointing_options_do_not_change_the_model(name):
             want = ref_grads[key]
             assert (grad - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())), (options, key)
         assert out.is_contiguous()  # NCHW out whatever the body's layout
+
+
+class _CountPointwiseConvolutions(TorchDispatchMode):
+    """Counts the 1x1 ``aten.convolution`` calls (forward) of the code run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default and tuple(args[1].shape[-2:]) == (1, 1):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pointwise_convolutions_as_gemms_are_the_same_model(name, monkeypatch):
+    """The GEMM path of the 1x1 convolutions (taken on AVX2-only CPUs) gives the outputs and gradients of
+    oneDNN's convolution, and replaces every 1x1 convolution of the transformer blocks and skip reductions."""
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY).train()
+    x, target = torch.rand(2, 1, 32, 24), torch.rand(2, 1, 32, 24)
+    results, pointwise_convs = {}, {}
+    for as_gemm in (False, True):
+        monkeypatch.setattr(blocks, "POINTWISE_AS_GEMM", as_gemm)
+        model.zero_grad(set_to_none=True)
+        with _CountPointwiseConvolutions() as counter:
+            results[as_gemm] = _train_forward(model, x, target)
+        pointwise_convs[as_gemm] = counter.count
+    (conv_out, conv_grads), (gemm_out, gemm_grads) = results[False], results[True]
+    assert (gemm_out - conv_out).abs().max() <= TOL
+    assert gemm_grads.keys() == conv_grads.keys()
+    for key, grad in gemm_grads.items():
+        assert (grad - conv_grads[key]).abs().max() <= 1e-4 * max(1.0, float(conv_grads[key].abs().max())), key
+    # left as convolutions: AMIR's instruction network (three, on 6 px maps), TAT's fused tail (one, in a Sequential)
+    assert pointwise_convs[True] == {"amir": 3, "tat": 1}.get(name, 0) < pointwise_convs[False]
+
+
+def test_traced_graphs_keep_the_convolution_whatever_the_cpu(monkeypatch):
+    """An exported graph must not depend on the exporting CPU: tracing takes the convolution path."""
+    monkeypatch.setattr(blocks, "POINTWISE_AS_GEMM", True)
+    model = Restormer(**TINY).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        graph = str(torch.jit.trace(model, x).inlined_graph)
+    assert "aten::linear" not in graph and "aten::_convolution" in graph
 
 
 def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:

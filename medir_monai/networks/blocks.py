@@ -16,6 +16,9 @@ keep MONAI's parameters and maths and only re-implement the forward so that no s
 channel slices: single-head attention runs as two GEMMs on the ``(B, H*W, C)`` view of the channels-last map,
 and the feed-forward computes its two gated halves with two half-width convolutions instead of slicing one
 full-width result (a depthwise conv acts per channel, so this is the same function).
+The 1x1 convolutions go through :func:`pointwise`: where oneDNN has no AVX-512 kernels (AVX2-only CPUs), a 1x1
+convolution of a channels-last map runs as one GEMM on its ``(B, H, W, C)`` view (1.2-2.5x faster there, forward
+and backward; oneDNN's own kernel is the faster one with AVX-512), see :data:`POINTWISE_AS_GEMM`.
 The ``activation_checkpointing`` flag of the blocks recomputes each block's activations in the backward pass
 instead of storing them (``torch.utils.checkpoint``): less memory, one more forward per step.
 
@@ -53,6 +56,9 @@ __all__ = [
     "Downsample",
     "Upsample",
     "pad_to_multiple",
+    "pointwise",
+    "pointwise_conv",
+    "POINTWISE_AS_GEMM",
     "crop_to_size",
     "TRANSFORMER_BLOCK_KEY_RULES",
 ]
@@ -101,6 +107,42 @@ class ChannelLayerNorm(nn.Module):
 
 #: ``F.normalize``'s floor of the norm, which the authors' attention uses
 NORMALIZE_EPS = 1e-12
+
+
+def _gemm_is_faster_than_onednn() -> bool:
+    """True where PyTorch's CPU kernels stop below AVX-512 (``torch.backends.cpu.get_cpu_capability()``; oneDNN
+    then runs its AVX2 1x1 convolution, slower than MKL's GEMM: ``benchmarks/README.md``, CPU kinds)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
+#: run 1x1 convolutions of channels-last CPU maps as GEMMs (decided once from the CPU's kernels; assign
+#: ``blocks.POINTWISE_AS_GEMM`` to force either path: both compute the same function)
+POINTWISE_AS_GEMM: bool = _gemm_is_faster_than_onednn()
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """1x1 convolution ``(B, C, H, W) -> (B, O, H, W)`` with ``weight`` ``(O, C, 1, 1)``.
+
+    A channels-last CPU map is a ``(B, H, W, C)`` matrix, so with :data:`POINTWISE_AS_GEMM` the convolution is
+    ``linear(x_nhwc, weight)``: no copy, output channels-last. Otherwise, under tracing (an exported graph must
+    not depend on the exporting CPU) and for other layouts or devices: ``F.conv2d``.
+    """
+    if (
+        POINTWISE_AS_GEMM
+        and x.device.type == "cpu"
+        and x.ndim == 4
+        and x.shape[1] > 1
+        and not torch.jit.is_tracing()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
+
+
+def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a 1x1 ``nn.Conv2d`` or a MONAI ``Convolution`` wrapping one, via :func:`pointwise_conv`."""
+    conv = getattr(layer, "conv", layer)
+    return pointwise_conv(x, conv.weight, conv.bias)
 
 
 def _normalised_logits(q: torch.Tensor, k_t: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> torch.Tensor:
@@ -170,10 +212,10 @@ class ChannelAttention(CABlock):
 
     def mixed_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, 3C, H, W)``: the 1x1 projection and the 3x3 depthwise mixing."""
-        return self.qkv_dwconv(self.qkv(x))
+        return self.qkv_dwconv(pointwise(self.qkv, x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_out(channel_attention(self.mixed_qkv(x), self.num_heads, self.temperature))
+        return pointwise(self.project_out, channel_attention(self.mixed_qkv(x), self.num_heads, self.temperature))
 
 
 def gated_halves(
@@ -195,7 +237,7 @@ def gated_halves(
     halves = []
     for part in (slice(0, hidden), slice(hidden, 2 * hidden)):
         bias = None if project_in.bias is None else project_in.bias[part]
-        halves.append(depthwise(F.conv2d(x, project_in.weight[part], bias), part))
+        halves.append(depthwise(pointwise_conv(x, project_in.weight[part], bias), part))
     return halves[0], halves[1]
 
 
@@ -230,7 +272,7 @@ class GatedFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = gated_halves(x, self.project_in.conv, self._depthwise)
-        return self.project_out(gate(x1, x2))
+        return pointwise(self.project_out, gate(x1, x2))
 
 
 class CheckpointedBlock(nn.Module):

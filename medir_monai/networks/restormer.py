@@ -23,6 +23,7 @@ from .blocks import (
     Upsample,
     crop_to_size,
     pad_to_multiple,
+    pointwise,
 )
 from .official import rename_state_dict
 
@@ -139,9 +140,9 @@ class Restormer(ActivationCheckpointing, nn.Module):
         enc3 = self.encoder_level3(self._route_encoder(3, self.down2_3(enc2), context))
         lat = self.latent(self._route_decoder(4, self.down3_4(enc3), context))
 
-        dec3 = self.reduce_chan_level3(torch.cat([self.up4_3(lat), enc3], dim=1))
+        dec3 = pointwise(self.reduce_chan_level3, torch.cat([self.up4_3(lat), enc3], dim=1))
         dec3 = self.decoder_level3(self._route_decoder(3, dec3, context))
-        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1))
+        dec2 = pointwise(self.reduce_chan_level2, torch.cat([self.up3_2(dec3), enc2], dim=1))
         dec2 = self.decoder_level2(self._route_decoder(2, dec2, context))
         dec1 = torch.cat([self.up2_1(dec2), enc1], dim=1)
         dec1 = self.decoder_level1(self._route_decoder(1, dec1, context))

@@ -41,6 +41,7 @@ from .blocks import (
     channel_attention,
     crop_to_size,
     pad_to_multiple,
+    pointwise,
 )
 from .official import KeyRule, rename_state_dict
 from .restormer import check_backbone_config
@@ -242,9 +243,9 @@ class TAT(ActivationCheckpointing, nn.Module):
         kernels = self.tren(lat_in)  # TREN detaches lat_in itself
         lat = self.latent(lat_in, kernels["latent_attn"], kernels["latent_ffn"])
 
-        dec3 = self.reduce_chan_level3(torch.cat([self.up4_3(lat), enc3], dim=1))
+        dec3 = pointwise(self.reduce_chan_level3, torch.cat([self.up4_3(lat), enc3], dim=1))
         dec3 = self.decoder_level3(dec3, kernels["level3_attn"], kernels["level3_ffn"])
-        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1))
+        dec2 = pointwise(self.reduce_chan_level2, torch.cat([self.up3_2(dec3), enc2], dim=1))
         dec2 = self.decoder_level2(dec2, kernels["level2_attn"], kernels["level2_ffn"])
         dec1 = torch.cat([self.up2_1(dec2), enc1], dim=1)
         dec1 = self.decoder_level1(dec1, kernels["level1_attn"], kernels["level1_ffn"])

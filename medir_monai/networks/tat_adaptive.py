@@ -14,6 +14,7 @@ from .blocks import (
     channel_attention,
     gate,
     gated_halves,
+    pointwise,
     residual_add,
 )
 from .tat_local import local_converter
@@ -126,9 +127,9 @@ class AdaptiveChannelAttention(nn.Module):
         self.project_out = _pointwise(dim, dim, bias)
 
     def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        qkv = self.dynamic_dwconv(self.qkv(x), kernel)  # (B, 3C, H, W)
+        qkv = self.dynamic_dwconv(pointwise(self.qkv, x), kernel)  # (B, 3C, H, W)
         out = local_converter(qkv, lambda t: channel_attention(t, self.num_heads, self.temperature), self.window)
-        return self.project_out(out)
+        return pointwise(self.project_out, out)
 
 
 class AdaptiveGatedFeedForward(nn.Module):
@@ -150,7 +151,7 @@ class AdaptiveGatedFeedForward(nn.Module):
         x1, x2 = gated_halves(
             x, self.project_in.conv, lambda h, part: per_sample_depthwise_conv(h, kernels[:, part])
         )
-        return self.project_out(gate(x1, x2))
+        return pointwise(self.project_out, gate(x1, x2))
 
 
 class AdaptiveTransformerBlock(CheckpointedBlock):

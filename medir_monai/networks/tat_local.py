@@ -11,6 +11,7 @@ import torch
 from .blocks import (
     TransformerBlock,
     channel_attention,
+    pointwise,
     residual_add,
 )
 
@@ -110,7 +111,7 @@ class LocalConverterTransformerBlock(TransformerBlock):
         out = local_converter(
             attn.mixed_qkv(x), lambda t: channel_attention(t, attn.num_heads, attn.temperature), self.window
         )
-        return attn.project_out(out)
+        return pointwise(attn.project_out, out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = residual_add(x, self._attention(self.norm1(x)))
