@@ -152,6 +152,8 @@ def test_loader_wrappers_and_errors(tmp_path):
     other = Restormer(dim=16, num_blocks=(1, 1, 1, 2), num_refinement_blocks=1)
     with pytest.raises(ValueError, match="shape mismatch"):
         load_official_state_dict(other, fx["state_dict"])
+    with pytest.raises(ValueError, match=r"\(ckpt.pth\) into Restormer: shape mismatch"):  # read once, named by its file
+        load_official_state_dict(other, fx["state_dict"], source="ckpt.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_official_state_dict(model, tmp_path / "nope.pth")
 

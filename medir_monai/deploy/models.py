@@ -216,8 +216,9 @@ def load_bundle_network(
         if not ckpt.is_file():
             raise FileNotFoundError(f"{ckpt}: no trained weights for bundle {root.name} "
                                     "(train it first, pass a checkpoint, or export --untrained for parity checks)")
-        load_official_state_dict(network, str(ckpt))
-    saved = load_weights_file(ckpt) if ckpt else None
+    saved = load_weights_file(ckpt) if ckpt else None  # read once: the weights and the training profile
+    if saved is not None:
+        load_official_state_dict(network, saved, source=str(ckpt))
     profile = saved.get("training_profile") if isinstance(saved, dict) else None
     settings = {key: parser.get_parsed_content(key) for key in SETTING_KEYS if key in parser}
     network = network.to(device).eval()

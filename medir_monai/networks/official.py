@@ -201,7 +201,10 @@ def _bare(model: nn.Module) -> nn.Module:
 
 
 def load_official_state_dict(
-    model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, Any], strict: bool = True
+    model: nn.Module,
+    path_or_state: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    source: str | None = None,
 ) -> Any:
     """Load a checkpoint written by the authors' code (or by this package) into ``model``.
 
@@ -211,6 +214,7 @@ def load_official_state_dict(
         path_or_state: a file path (read with ``torch.load(weights_only=True, map_location="cpu")``), a state dict,
             or a checkpoint dictionary holding one under ``state_dict``/``model``/``params``/``net``/... .
         strict: require that converted keys and the model's keys match exactly (and shapes agree).
+        source: the name the error messages give an in-memory checkpoint (e.g. the file it was read from).
 
     Returns:
         the ``NamedTuple(missing_keys, unexpected_keys)`` of ``torch.nn.Module.load_state_dict``.
@@ -224,7 +228,7 @@ def load_official_state_dict(
         source = os.fspath(path_or_state)
         raw = load_weights_file(source)
     else:
-        source = "path_or_state"
+        source = source or "path_or_state"
         raw = path_or_state
     state = unwrap_checkpoint(raw, source=source)
     net = _bare(model)
