@@ -10,6 +10,7 @@ import torch
 
 from medir_monai.deploy import export as ex
 from medir_monai.deploy.models import load_bundle_network, load_restoration_model, model_kind
+from medir_monai.networks.moe import dense_dispatch
 from medir_monai.networks import AMIR, TAT, Restormer
 
 torch.set_num_threads(1)
@@ -78,7 +79,7 @@ def test_traced_amir_uses_dense_expert_dispatch():
     """Sparse dispatch splits tokens by a data-dependent count (bincount); the traced graph must not contain it."""
     net = tiny("amir")
     moes = [m for m in net.modules() if hasattr(m, "dispatch")]
-    assert moes and not any(m._use_dense(torch.device("cpu")) for m in moes)  # eager CPU: sparse
+    assert moes and not any(dense_dispatch(m.dispatch, torch.device("cpu")) for m in moes)  # eager CPU: sparse
     with torch.no_grad():
         traced = torch.jit.trace(net, torch.rand(TRACED), check_trace=False)
     graph = str(traced.inlined_graph)

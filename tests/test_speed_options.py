@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from medir_monai.networks import blocks
 from medir_monai.networks.amir import AMIR, SpatialMoE
 from medir_monai.networks.blocks import GatedFeedForward, channel_attention
+from medir_monai.networks.moe import dense_dispatch, run_top_k_experts
 from medir_monai.networks.restormer import Restormer
 from medir_monai.networks.tat import TAT, per_sample_depthwise_conv
 from medir_monai.networks.tat_adaptive import _depthwise_shift_and_add
@@ -237,11 +238,31 @@ def test_activation_checkpointing_is_off_in_evaluation():
 def test_moe_auto_dispatch_is_sparse_on_cpu_and_dense_on_accelerators():
     moe = SpatialMoE(6)
     assert moe.dispatch == "auto"
-    assert not moe._use_dense(torch.device("cpu"))
-    assert moe._use_dense(torch.device("cuda"))
-    assert SpatialMoE(6, dispatch="dense")._use_dense(torch.device("cpu"))
+    assert not dense_dispatch(moe.dispatch, torch.device("cpu"))
+    assert dense_dispatch(moe.dispatch, torch.device("cuda"))
+    assert dense_dispatch("dense", torch.device("cpu")) and not dense_dispatch("sparse", torch.device("cuda"))
     with pytest.raises(ValueError, match="dispatch"):
         SpatialMoE(6, dispatch="fast")
+
+
+@pytest.mark.parametrize("item_shape", [(5,), (3, 4, 6)])
+@pytest.mark.parametrize("skip_idle", [False, True])
+def test_sparse_and_dense_expert_dispatch_agree(item_shape, skip_idle):
+    """The shared dispatcher (AMIR tokens [N, C], DiffCode images [B, C, H, W]): entry [i, j] is
+    experts[top_idx[i, j]](items[i]) both ways; with ``skip_idle`` an unchosen expert is not called."""
+    torch.manual_seed(0)
+    experts = [torch.nn.Linear(item_shape[-1], item_shape[-1]) for _ in range(4)]
+    items = torch.randn(7, *item_shape)
+    top_idx = torch.tensor([[0, 2], [2, 0], [1, 2], [0, 1], [2, 1], [1, 0], [0, 2]])  # expert 3 idle
+    calls = []
+    handle = experts[3].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    sparse = run_top_k_experts(items, top_idx, experts, dense=False, skip_idle=skip_idle)
+    assert calls == ([] if skip_idle else [0])
+    handle.remove()
+    dense = run_top_k_experts(items, top_idx, experts, dense=True)
+    assert sparse.shape == dense.shape == (7, 2, *item_shape)
+    assert (sparse - dense).abs().max() <= TOL
+    assert torch.allclose(sparse[2, 1], experts[2](items[2]), atol=TOL)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

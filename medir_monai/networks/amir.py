@@ -29,6 +29,7 @@ from monai.networks.blocks.mlp import MLPBlock
 
 from ..losses import cv_squared
 from .blocks import TRANSFORMER_BLOCK_KEY_RULES, pad_to_multiple
+from .moe import DISPATCH_MODES, dense_dispatch, run_top_k_experts
 from .official import KeyRule, rename_state_dict
 from .restormer import NUM_LEVELS, Restormer
 
@@ -36,8 +37,8 @@ __all__ = ["AMIR", "SpatialMoE", "SpatialRouting", "ChannelRouting", "Instructio
 
 #: combine modes of :class:`SpatialMoE`
 MOE_COMBINE_MODES = ("log", "linear")
-#: expert dispatch modes of :class:`SpatialMoE`
-MOE_DISPATCH_MODES = ("auto", "sparse", "dense")
+#: expert dispatch modes of :class:`SpatialMoE` (:mod:`medir_monai.networks.moe`)
+MOE_DISPATCH_MODES = DISPATCH_MODES
 #: the authors replace exact zeros of the mixed output by float64 machine epsilon before the log
 LOG_COMBINE_EPS = float(torch.finfo(torch.float64).eps)
 
@@ -185,26 +186,9 @@ class SpatialMoE(nn.Module):
         return cv_squared(importance, self.cv_eps) + cv_squared(load, self.cv_eps)
 
     # -- experts ------------------------------------------------------------------------------------------
-    def _use_dense(self, device: torch.device) -> bool:
-        if self.dispatch == "dense" or torch.jit.is_scripting() or torch.jit.is_tracing():
-            return True
-        if self.dispatch == "auto" and device.type != "cpu":
-            return True
-        return bool(torch.compiler.is_compiling())
-
     def _run_experts(self, tokens: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """Outputs of each token's chosen experts, [N, k, C] in the order of ``top_idx``."""
-        n, k = top_idx.shape
-        if self._use_dense(tokens.device):
-            every = torch.stack([expert(tokens) for expert in self.experts], dim=1)  # [N, E, C]
-            return every.gather(1, top_idx.unsqueeze(-1).expand(n, k, every.shape[-1]))
-        flat_expert = top_idx.reshape(-1)  # [N*k], assignment j belongs to token j // k
-        order = torch.argsort(flat_expert, stable=True)
-        routed = tokens.index_select(0, order // k)  # tokens grouped by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # host read (a sync on GPU)
-        chunks = routed.split(counts, dim=0)
-        outs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)], dim=0)
-        return torch.zeros_like(outs).index_copy(0, order, outs).view(n, k, -1)
+        return run_top_k_experts(tokens, top_idx, self.experts, dense_dispatch(self.dispatch, tokens.device))
 
     def _mix(self, expert_out: torch.Tensor, top_gates: torch.Tensor) -> torch.Tensor:
         """Gate-weighted mix over the k chosen experts; ``expert_out`` [N, k, C], ``top_gates`` [N, k]."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..blocks import ChannelLayerNorm
+from ..moe import dense_dispatch, run_top_k_experts
 from .naf import NAF_LAYER_NORM_EPS, NAFBlock, SimpleGate, naf_stage
 
 __all__ = ["NAFBlock", "TaskClassifier", "TaskGlobalRouting", "RoutedNAFNet", "ROUTING_POSITIONS"]
@@ -114,25 +115,9 @@ class TaskGlobalRouting(nn.Module):
         self.dispatch = dispatch
         self.experts = nn.ModuleList([_Expert(dim, expert_expand) for _ in range(num_experts)])
 
-    def _use_dense(self) -> bool:
-        if self.dispatch == "dense" or torch.jit.is_scripting() or torch.jit.is_tracing():
-            return True
-        return bool(torch.compiler.is_compiling())
-
     def _run_experts(self, x: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """Outputs of every image's selected experts, ``[B, k, C, H, W]`` in the order of ``top_idx``."""
-        b, k = top_idx.shape
-        if self._use_dense():
-            every = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, C, H, W]
-            index = top_idx.view(b, k, 1, 1, 1).expand(b, k, *every.shape[2:])
-            return every.gather(1, index)
-        flat = top_idx.reshape(-1)  # assignment j belongs to image j // k
-        order = torch.argsort(flat, stable=True)
-        routed = x.index_select(0, order // k)  # images grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        outs = [expert(chunk) for expert, chunk in zip(self.experts, routed.split(counts)) if chunk.shape[0]]
-        grouped = torch.cat(outs, dim=0)
-        return torch.zeros_like(grouped).index_copy(0, order, grouped).view(b, k, *x.shape[1:])
+        return run_top_k_experts(x, top_idx, self.experts, dense_dispatch(self.dispatch, x.device), skip_idle=True)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_tracing():
