@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import math
 import os
-import pkgutil
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -43,6 +41,7 @@ from monai.transforms import (
     Transform,
 )
 
+import medir_monai.transforms
 from medir_monai.transforms import ForTasksd, ScaleToReferenced
 
 from ..tasks import get_task
@@ -135,22 +134,10 @@ class LoadSlicePaird(Transform):
         return d
 
 
-def _find_transform(name: str):
-    """``medir_monai.transforms.<name>``, also looked up in its sub-modules when the package does not re-export it."""
-    import medir_monai.transforms as mt
-
-    found = getattr(mt, name, None)
-    for info in pkgutil.iter_modules(mt.__path__) if found is None else ():
-        found = getattr(importlib.import_module(f"{mt.__name__}.{info.name}"), name, None)
-        if found is not None:
-            break
-    return found
-
-
 def degradation_for(task: str, **overrides) -> Transform:
     """The task's default degradation transform (``Task.degradation`` in ``medir_monai.transforms``)."""
     task = get_task(task)
-    cls = _find_transform(task.degradation) if task.degradation else None
+    cls = getattr(medir_monai.transforms, task.degradation, None) if task.degradation else None
     if cls is None:
         raise DataError(
             f"task {task.name!r}: degradation transform {task.degradation!r} not found in medir_monai.transforms; "
