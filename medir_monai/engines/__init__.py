@@ -23,18 +23,9 @@ from monai.engines import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-__all__ = ["RestorationLoss", "prepare_lq_hq", "unwrap"]
+from ..wrappers import unwrap
 
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(network, "module") and isinstance(network.module, nn.Module):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
+__all__ = ["RestorationLoss", "prepare_lq_hq"]
 
 
 def prepare_lq_hq(batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):

@@ -39,7 +39,7 @@ from ..atomic import atomic_write_text
 from ..networks.blocks import crop_to_size, pad_to_multiple
 from ..networks.official import load_weights_file
 from ..tasks import get_task, task_names
-from . import unwrap
+from ..wrappers import unwrap
 
 __all__ = [
     "prepare_task_batch",

@@ -34,6 +34,7 @@ from ignite.handlers import Checkpoint
 from ..atomic import NoSpaceError, atomic_save, remove_stale_temporaries
 from ..bundle import latest_checkpoint
 from ..networks.official import load_weights_file
+from ..wrappers import unwrap
 
 __all__ = ["atomic_save", "ResumableCheckpoint", "BestModelSaver", "TorchRNGState", "TrainingLock", "FolderBusyError"]
 
@@ -44,12 +45,6 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _bare(network: torch.nn.Module) -> torch.nn.Module:
-    from ..engines import unwrap
-
-    return unwrap(network)
 
 
 def _notice(message: str, error: bool = False) -> None:
@@ -243,7 +238,7 @@ class ResumableCheckpoint:
             self.save(engine)
         if self.final_model:
             network = self.final_network if self.final_network is not None else self.save_dict["model"]
-            atomic_save(_bare(network).state_dict(), self.save_dir / self.final_model)
+            atomic_save(unwrap(network).state_dict(), self.save_dir / self.final_model)
         self.lock.release()
 
     def _prune(self, keep: int) -> None:
@@ -296,6 +291,6 @@ class BestModelSaver:
             return
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best = value
-            weights = _bare(self.network).state_dict()
+            weights = unwrap(self.network).state_dict()
             atomic_save({"model": weights, "training_profile": self.profile} if self.profile else weights, self.path)
             logger.info(f"{name} improved to {value:.4f}: saved {self.path}")

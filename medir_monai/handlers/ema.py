@@ -14,6 +14,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..wrappers import unwrap
+
 __all__ = ["EMAModel", "EMAHandler"]
 
 
@@ -30,8 +32,6 @@ class EMAModel(nn.Module):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        from ..engines import unwrap
-
         self.module = copy.deepcopy(unwrap(network)).eval().requires_grad_(False)
         self.decay = float(decay)
         self.power = float(power)
@@ -74,6 +74,4 @@ class EMAHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from ..engines import unwrap
-
         self.ema.update(unwrap(self.network))

@@ -18,8 +18,8 @@ from ignite.engine import Engine, Events
 from monai.utils import CommonKeys as Keys
 from torch.utils.tensorboard import SummaryWriter
 
-from ..engines import unwrap
 from ..tasks import get_task
+from ..wrappers import unwrap
 
 __all__ = ["display_image", "TaskImageHandler", "RoutingHandler"]
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..wrappers import unwrap
+
 __all__ = [
     "CheckpointError",
     "KeyRule",
@@ -194,12 +196,6 @@ def _short(keys: Sequence[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The network inside a (Distributed)DataParallel wrapper, or the model itself."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def load_official_state_dict(
     model: nn.Module,
     path_or_state: str | os.PathLike | Mapping[str, Any],
@@ -231,7 +227,7 @@ def load_official_state_dict(
         source = source or "path_or_state"
         raw = path_or_state
     state = unwrap_checkpoint(raw, source=source)
-    net = _bare(model)
+    net = unwrap(model)
     converter = getattr(net, "convert_official_state_dict", None)
     if callable(converter):
         state = converter(state)
@@ -259,6 +255,6 @@ def load_official_state_dict(
 
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict under the authors' key names (uses the class's ``to_official_state_dict``)."""
-    net = _bare(model)
+    net = unwrap(model)
     method = getattr(net, "to_official_state_dict", None)
     return dict(method()) if callable(method) else dict(net.state_dict())
