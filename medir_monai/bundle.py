@@ -1,5 +1,10 @@
 """Helpers the bundle configs call: locating the bundle folder and the latest checkpoint.
 
+The bundles live in ``bundles/`` of a source checkout; a wheel installs their configs and docs inside the package
+(``medir_monai/bundles/<name>``), so ``medir restore --bundle amir --config pretrained.json`` also works after a
+plain ``pip install``: :func:`find_bundle` and :func:`find_bundle_config` accept a bundle name and a config name
+as well as paths.
+
 ``python -m monai.bundle run training --config_file bundles/amir/configs/train.json`` gives the config no
 notion of where it lives, so ``bundle_root`` is resolved here: from the ``--config_file`` argument on the
 command line when there is one, otherwise from this package's source checkout, otherwise from the
@@ -14,7 +19,14 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["bundle_root", "latest_checkpoint", "config_files_from_argv"]
+__all__ = [
+    "bundle_root",
+    "bundles_dir",
+    "config_files_from_argv",
+    "find_bundle",
+    "find_bundle_config",
+    "latest_checkpoint",
+]
 
 _CKPT_PATTERN = re.compile(r"checkpoint_(?:iteration|iter)=(\d+)\.pt$")
 
@@ -42,12 +54,60 @@ def config_files_from_argv(argv: list[str] | None = None) -> list[Path]:
     return []
 
 
+def bundles_dir() -> Path:
+    """The folder holding the bundles: ``bundles/`` of the source checkout this package runs from, else the
+    copy a wheel installs inside the package."""
+    checkout = Path(__file__).resolve().parents[1] / "bundles"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "bundles"
+
+
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "configs").is_dir()
+
+
+def find_bundle(name_or_path: str | os.PathLike) -> Path:
+    """The bundle folder ``name_or_path`` names: a folder with ``configs/``, or the name of a bundle in
+    :func:`bundles_dir` (``"amir"``, ``"tat"``, ...).
+
+    Raises:
+        ValueError: neither; the message lists the bundles there are.
+    """
+    path = Path(name_or_path).expanduser()
+    if _is_bundle(path):
+        return path.resolve()
+    installed = bundles_dir()
+    if len(path.parts) == 1 and _is_bundle(installed / path.name):
+        return installed / path.name
+    known = sorted(p.name for p in installed.iterdir() if _is_bundle(p)) if installed.is_dir() else []
+    raise ValueError(f"{name_or_path}: not a bundle folder (no configs/ in it) and not one of the bundles "
+                     f"{', '.join(known) or '(none found)'} in {installed}")
+
+
+def find_bundle_config(bundle: str | os.PathLike, name_or_path: str | os.PathLike) -> Path:
+    """The config file ``name_or_path``: an existing file, or a file of the bundle's ``configs/``
+    (``"pretrained.json"`` or ``"pretrained"``).
+
+    Raises:
+        ValueError: neither; the message lists the bundle's configs.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    configs = find_bundle(bundle) / "configs"
+    if len(path.parts) == 1:
+        for candidate in (configs / path.name, configs / f"{path.name}.json"):
+            if candidate.is_file():
+                return candidate
+    known = sorted(p.name for p in configs.glob("*.json"))
+    raise ValueError(f"{name_or_path}: config file does not exist (nor in {configs}: {', '.join(known)})")
+
+
 def bundle_root(name: str, argv: list[str] | None = None) -> str:
     """Absolute path of the bundle folder ``bundles/<name>``.
 
     Resolution order: the folder above ``configs/`` of the first ``--config_file`` given on the command line;
-    ``<source checkout>/bundles/<name>`` when this package is installed from a checkout (editable install);
-    ``./bundles/<name>``.
+    ``./bundles/<name>`` when the working directory holds that bundle; the bundle of :func:`bundles_dir` (the
+    source checkout's, or the installed copy).
     """
     for cfg in config_files_from_argv(argv):
         cfg = cfg.expanduser().resolve()
@@ -56,7 +116,10 @@ def bundle_root(name: str, argv: list[str] | None = None) -> str:
     checkout = Path(__file__).resolve().parents[1] / "bundles" / name
     if checkout.is_dir():
         return str(checkout)
-    return str((Path.cwd() / "bundles" / name).resolve())
+    local = Path.cwd() / "bundles" / name
+    if _is_bundle(local) or not _is_bundle(bundles_dir() / name):
+        return str(local.resolve())
+    return str(bundles_dir() / name)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .bundle import find_bundle, find_bundle_config
+
 __all__ = ["COMMANDS", "register_command", "build_parser", "main"]
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -157,14 +159,11 @@ def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overri
     """A MONAI ConfigParser over ``<bundle>/configs/<config>`` plus extra config files, with ``bundle_root`` set."""
     from monai.bundle import ConfigParser
 
-    root = Path(bundle).expanduser().resolve()
+    root = find_bundle(bundle)
     main_cfg = root / "configs" / config
     if not main_cfg.is_file():
         raise ValueError(f"{main_cfg}: no such bundle config (is {root} a bundle folder?)")
-    files = [str(main_cfg)] + [str(Path(f).expanduser()) for f in (extra or [])]
-    for f in files[1:]:
-        if not Path(f).is_file():
-            raise ValueError(f"{f}: config file does not exist")
+    files = [str(main_cfg)] + [str(find_bundle_config(root, f)) for f in (extra or [])]
     parser = ConfigParser()
     parser.read_config(files)
     parser["bundle_root"] = str(root)
@@ -217,7 +216,7 @@ def _run_restore(args: argparse.Namespace) -> int:
         parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     if not ckpt.is_file():
-        pretrained = Path(args.bundle) / "configs" / "pretrained.json"
+        pretrained = find_bundle(args.bundle) / "configs" / "pretrained.json"
         hint = f", or use the shipped weights: --config {pretrained}" if pretrained.is_file() else ""
         raise ValueError(f"{ckpt}: no trained weights (train the bundle first, pass --checkpoint{hint})")
     # the weights are loaded here (also the authors' checkpoints), so drop the bundle's CheckpointLoader; inputs are
@@ -256,7 +255,8 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--task", default=None, help="mri_sr, ct_denoise or pet_synthesis (default: from DICOM Modality)")
     p.add_argument("--checkpoint", default=None, help="weights (default: the bundle's models/model.pt)")
-    p.add_argument("--config", nargs="*", default=None, help="extra config files merged over inference.json (e.g. quick.json)")
+    p.add_argument("--config", nargs="*", default=None, help="extra config files merged over inference.json: paths, or names of the bundle's configs "
+                   "(quick.json, pretrained.json)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.25)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0")

@@ -1,4 +1,4 @@
-"""Slice extraction (central N, air dropping) and per-task normalisation on synthetic volumes with known answers."""
+"""Slice extraction (central N, air dropping) on synthetic volumes with known answers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ import torch
 from monai.data import MetaTensor
 
 from medir_monai.transforms import (
-    Denormalise,
-    Denormalised,
     ExtractSlicesd,
-    Normalise,
-    Normalised,
     extract_slices,
     select_slices,
 )
@@ -105,27 +101,3 @@ def test_slice_errors_name_the_problem():
         ExtractSlicesd(keys=("hq", "lq"))({"hq": np.zeros((1, 4, 4, 3)), "lq": np.full((1, 4, 4, 3), np.nan)})
     with pytest.raises(KeyError, match="reference key 'mask'"):
         ExtractSlicesd(keys="hq", reference_key="mask")({"hq": np.zeros((1, 4, 4, 3))})
-
-
-def test_normalise_and_denormalise():
-    hu = np.array([[[-2000.0, -1024.0, 0.0, 1023.5, 3071.0, 5000.0]]], dtype=np.float32)
-    unit = Normalise(-1024.0, 3071.0)(hu)
-    np.testing.assert_allclose(unit[0, 0], [0.0, 0.0, 1024 / 4095, 2047.5 / 4095, 1.0, 1.0], rtol=1e-6)
-    back = Denormalise(-1024.0, 3071.0)(unit)
-    np.testing.assert_allclose(back[0, 0, 1:5], hu[0, 0, 1:5], rtol=1e-6, atol=1e-3)
-    # no clipping on the way back: model outputs outside [0, 1] map outside the range
-    assert float(Denormalise(0.0, 20.0)(np.array([[[1.5]]], dtype=np.float32))[0, 0, 0]) == pytest.approx(30.0)
-    pair = {"lq": torch.tensor([[[10.0]]]), "hq": torch.tensor([[[40.0]]])}
-    out = Normalised(keys=("lq", "hq"), low=0.0, high=20.0)(pair)
-    assert float(out["lq"]) == pytest.approx(0.5) and float(out["hq"]) == 1.0
-    restored = Denormalised(keys="lq", low=0.0, high=20.0)(out)
-    assert float(restored["lq"]) == pytest.approx(10.0)
-
-
-def test_normalise_errors():
-    with pytest.raises(ValueError, match="low < high"):
-        Normalise(1.0, 1.0)
-    with pytest.raises(ValueError, match="key 'hq' contains NaN"):
-        Normalised(keys="hq", low=0.0, high=1.0)({"hq": np.array([[[np.nan]]])})
-    with pytest.raises(ValueError, match="key 'lq' contains NaN"):
-        Denormalised(keys="lq", low=0.0, high=1.0)({"lq": np.array([[[np.inf]]])})

@@ -6,6 +6,7 @@ test source (real MR and CT of sources the weights never saw in training) that m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,20 @@ def test_medir_restore_refuses_damaged_shipped_weights(tmp_path, amir_copy, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_bundles_and_their_configs_are_found_by_name():
+    from medir_monai.bundle import find_bundle, find_bundle_config
+
+    assert find_bundle("amir") == REPO / "bundles" / "amir"
+    assert find_bundle(REPO / "bundles" / "tat") == REPO / "bundles" / "tat"
+    assert find_bundle_config("amir", "pretrained") == pretrained_config("amir")
+    assert find_bundle_config("amir", "pretrained.json") == pretrained_config("amir")
+    assert find_bundle_config("amir", pretrained_config("tat")) == pretrained_config("tat")  # a path wins
+    with pytest.raises(ValueError, match=r"nope: not a bundle folder .* amir, diffcode, restormer, tat"):
+        find_bundle("nope")
+    with pytest.raises(ValueError, match=r"fast.json: config file does not exist .*pretrained.json"):
+        find_bundle_config("amir", "fast.json")
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_pretrained_config_loads_the_shipped_network(name):
     from medir_monai.deploy.models import load_bundle_network
@@ -152,8 +167,9 @@ def test_the_wheel_carries_the_weights_and_their_manifest(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    for folder in ("medir_monai", "transforms"):
-        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in ("medir_monai", "transforms", "bundles"):  # bundles without trained models / runs / eval outputs
+        shutil.copytree(REPO / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "models", "runs", "eval"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("medir_monai-*.whl")
@@ -166,3 +182,28 @@ def test_the_wheel_carries_the_weights_and_their_manifest(tmp_path):
         for name, entry in shipped.items():
             data = archive.read(f"medir_monai/weights/{entry['file']}")
             assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
+        for name in SHIPPED:  # the configs a pip install needs to restore with the shipped weights
+            for config in ("inference.json", "pretrained.json", "metadata.json"):
+                assert f"medir_monai/bundles/{name}/configs/{config}" in packaged, (name, config)
+            assert f"medir_monai/bundles/{name}/docs/model_card.md" in packaged, name
+        site = tmp_path / "site"
+        archive.extractall(site)
+
+    # the unpacked wheel as a pip install would lay it out, run from a folder without bundles/: restore by names
+    scan = tmp_path / "work" / "head_ct.nii.gz"
+    scan.parent.mkdir()
+    import nibabel as nib
+
+    hu = np.random.default_rng(0).normal(40.0, 20.0, (48, 48)).astype(np.float32)
+    hu[:, :6] = -1000.0  # some air
+    nib.Nifti1Image(hu, np.diag([0.7, 0.7, 5.0, 1.0])).to_filename(str(scan))
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, medir_monai.cli as cli; print(cli.__file__); sys.exit(cli.main(sys.argv[1:]))",
+         "restore", "--bundle", "amir", "--config", "pretrained.json", "--task", "ct_denoise",
+         "--input", str(scan), "--output", "restored"],
+        cwd=scan.parent, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(site)), run.stdout  # the wheel's copy ran, not the checkout
+    written = list((scan.parent / "restored").rglob("*.nii.gz"))
+    assert len(written) == 1 and nib.load(str(written[0])).shape[:2] == (48, 48)

@@ -18,15 +18,7 @@ from .lowdose_ct import CT_FULL_DOSE_PHOTONS, MU_WATER_PER_MM, LowDoseCT, LowDos
 from .lowdose_pet import PET_FULL_COUNTS, PET_REFERENCE_ACTIVITY, LowDosePET, LowDosePETd, osem, simulate_pet_pair
 from .projector import FBP_FILTERS, ParallelBeamProjector, ramp_filter
 from .simulation import gaussian_blur
-from .slices import (
-    Denormalise,
-    Denormalised,
-    ExtractSlicesd,
-    Normalise,
-    Normalised,
-    extract_slices,
-    select_slices,
-)
+from .slices import ExtractSlicesd, extract_slices, select_slices
 
 __all__ = [
     "ForTasksd",
@@ -42,8 +34,6 @@ __all__ = [
     "MU_WATER_PER_MM",
     "PET_FULL_COUNTS",
     "PET_REFERENCE_ACTIVITY",
-    "Denormalise",
-    "Denormalised",
     "ExtractSlicesd",
     "KSpaceTruncate",
     "KSpaceTruncated",
@@ -51,8 +41,6 @@ __all__ = [
     "LowDoseCTd",
     "LowDosePET",
     "LowDosePETd",
-    "Normalise",
-    "Normalised",
     "ParallelBeamProjector",
     "central_window",
     "extract_slices",

@@ -1,10 +1,10 @@
-"""Slices from volumes and per-task intensity normalisation (docs/design.md, sections 2-3).
+"""Slices from volumes (docs/design.md, sections 2-3).
 
 The papers train and evaluate on 2-D slices: the central 100 slices of each IXI T2 volume (MRI), and
 every slice that is not only air for PET and CT. :func:`extract_slices` / :class:`ExtractSlicesd` cut
-them (the dictionary version returns one dictionary per slice, as MONAI's patch transforms do), and
-:class:`Normalise` / :class:`Denormalise` map a task's physical range ``(low, high)`` to the model's
-``[0, 1]`` and back (the ranges come from the task registry; this module never imports it).
+them (the dictionary version returns one dictionary per slice, as MONAI's patch transforms do). A task's
+physical range maps to the model's ``[0, 1]`` with MONAI's ``ScaleIntensityRanged`` in the data pipeline and
+back with the task registry's ``Task.denormalise``.
 """
 
 from __future__ import annotations
@@ -18,18 +18,10 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, ScaleIntensityRange, Transform
+from monai.transforms import MapTransform
 from monai.utils import TransformBackends, convert_to_tensor
 
-__all__ = [
-    "Denormalise",
-    "Denormalised",
-    "ExtractSlicesd",
-    "Normalise",
-    "Normalised",
-    "extract_slices",
-    "select_slices",
-]
+__all__ = ["ExtractSlicesd", "extract_slices", "select_slices"]
 
 
 def _check_volume(volume: NdarrayOrTensor, name: str) -> NdarrayOrTensor:
@@ -202,83 +194,3 @@ class ExtractSlicesd(MapTransform):
                 item[self.slice_index_key] = k
             results.append(item)
         return results
-
-
-def _check_range(low: float, high: float) -> None:
-    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        raise ValueError(f"need a finite range with low < high, got ({low}, {high})")
-
-
-def _check_finite(img: NdarrayOrTensor, name: str) -> None:
-    if not torch.isfinite(convert_to_tensor(img, track_meta=False)).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
-
-
-class Normalise(Transform):
-    """Clip to a task's physical range ``(low, high)`` and map it linearly to ``[0, 1]``.
-
-    MONAI's :class:`~monai.transforms.ScaleIntensityRange` with ``clip=True`` (e.g. CT ``(-1024, 3071)``
-    HU, PET ``(0, 20)`` SUV, MRI ``(0, 4095)``; ranges from ``medir_monai.tasks``). NaN / Inf raise.
-    """
-
-    backend = ScaleIntensityRange.backend
-
-    def __init__(self, low: float, high: float, dtype: Any = np.float32) -> None:
-        _check_range(low, high)
-        self.low, self.high = float(low), float(high)
-        self.scaler = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=dtype)
-
-    def __call__(self, img: NdarrayOrTensor, name: str = "image") -> NdarrayOrTensor:
-        _check_finite(img, name)
-        return self.scaler(img)
-
-
-class Denormalise(Transform):
-    """Inverse of :class:`Normalise` without clipping: ``x (high - low) + low`` (model output -> physical)."""
-
-    backend = ScaleIntensityRange.backend
-
-    def __init__(self, low: float, high: float, dtype: Any = np.float32) -> None:
-        _check_range(low, high)
-        self.low, self.high = float(low), float(high)
-        self.scaler = ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=low, b_max=high, clip=False, dtype=dtype)
-
-    def __call__(self, img: NdarrayOrTensor, name: str = "image") -> NdarrayOrTensor:
-        _check_finite(img, name)
-        return self.scaler(img)
-
-
-class _RangeMapd(MapTransform):
-    """Shared dictionary wrapper: apply a range transform per key, naming the key in errors."""
-
-    def __init__(self, keys: KeysCollection, transform: Normalise | Denormalise, allow_missing_keys: bool) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = transform
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key], name=f"key {key!r}")
-        return d
-
-
-class Normalised(_RangeMapd):
-    """Dictionary version of :class:`Normalise`."""
-
-    backend = Normalise.backend
-
-    def __init__(
-        self, keys: KeysCollection, low: float, high: float, dtype: Any = np.float32, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, Normalise(low, high, dtype), allow_missing_keys)
-
-
-class Denormalised(_RangeMapd):
-    """Dictionary version of :class:`Denormalise`."""
-
-    backend = Denormalise.backend
-
-    def __init__(
-        self, keys: KeysCollection, low: float, high: float, dtype: Any = np.float32, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, Denormalise(low, high, dtype), allow_missing_keys)

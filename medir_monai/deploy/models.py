@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medir_monai.bundle import find_bundle, find_bundle_config
 from medir_monai.restore import DEFAULT_ROI_SIZE
 
 __all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "bundle_of_config", "check_input",
@@ -183,7 +184,9 @@ def load_bundle_network(
     """The eval-mode network of a bundle, with its weights, and ``{"model_name", "roi_size", "checkpoint",
     "settings", "training_profile"}`` (see :class:`RestorationModel`).
 
-    Reads ``<bundle>/configs/inference.json`` (plus ``config_files`` merged over it, e.g. ``quick.json``), builds
+    ``bundle`` is a bundle folder or the name of an installed bundle (``"amir"``); ``config_files`` are paths or
+    names of the bundle's configs (``"pretrained.json"``). Reads ``<bundle>/configs/inference.json`` (plus
+    ``config_files`` merged over it, e.g. ``quick.json``), builds
     ``network_def`` and loads ``checkpoint`` (default: the config's ``ckpt_path``) with
     :func:`medir_monai.networks.load_official_state_dict` (this package's and the authors' key names).
 
@@ -198,14 +201,11 @@ def load_bundle_network(
     from medir_monai.networks import load_official_state_dict
     from medir_monai.networks.official import load_weights_file
 
-    root = Path(bundle).expanduser().resolve()
+    root = find_bundle(bundle)
     main_cfg = root / "configs" / _INFERENCE_CONFIG
     if not main_cfg.is_file():
         raise ValueError(f"{root}: not a bundle folder (no configs/{_INFERENCE_CONFIG})")
-    files = [main_cfg] + [Path(f).expanduser() for f in (config_files or [])]
-    for f in files[1:]:
-        if not f.is_file():
-            raise ValueError(f"{f}: extra config file does not exist")
+    files = [main_cfg] + [find_bundle_config(root, f) for f in (config_files or [])]
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser["bundle_root"] = str(root)
