@@ -17,9 +17,11 @@ import ast
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
+    "bundle_parser",
     "bundle_root",
     "bundles_dir",
     "config_files_from_argv",
@@ -29,6 +31,10 @@ __all__ = [
 ]
 
 _CKPT_PATTERN = re.compile(r"checkpoint_(?:iteration|iter)=(\d+)\.pt$")
+#: ``bundles/`` of the source checkout this package runs from (absent in a wheel install)
+_CHECKOUT_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+#: where a wheel installs the bundles' configs and docs
+_INSTALLED_BUNDLES = Path(__file__).resolve().parent / "bundles"
 
 
 def config_files_from_argv(argv: list[str] | None = None) -> list[Path]:
@@ -57,8 +63,7 @@ def config_files_from_argv(argv: list[str] | None = None) -> list[Path]:
 def bundles_dir() -> Path:
     """The folder holding the bundles: ``bundles/`` of the source checkout this package runs from, else the
     copy a wheel installs inside the package."""
-    checkout = Path(__file__).resolve().parents[1] / "bundles"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "bundles"
+    return _CHECKOUT_BUNDLES if _CHECKOUT_BUNDLES.is_dir() else _INSTALLED_BUNDLES
 
 
 def _is_bundle(folder: Path) -> bool:
@@ -102,6 +107,27 @@ def find_bundle_config(bundle: str | os.PathLike, name_or_path: str | os.PathLik
     raise ValueError(f"{name_or_path}: config file does not exist (nor in {configs}: {', '.join(known)})")
 
 
+def bundle_parser(bundle: str | os.PathLike, config: str, extra: Sequence[str | os.PathLike] | None = None):
+    """A MONAI ``ConfigParser`` over ``<bundle>/configs/<config>`` with the ``extra`` config files merged over it
+    (:func:`find_bundle_config`: paths or names of the bundle's configs) and ``bundle_root`` set; also the bundle
+    folder (:func:`find_bundle`).
+
+    Raises:
+        ValueError: no such bundle, no ``configs/<config>`` in it, or a missing extra config (each named).
+    """
+    from monai.bundle import ConfigParser
+
+    root = find_bundle(bundle)
+    main_cfg = root / "configs" / config
+    if not main_cfg.is_file():
+        raise ValueError(f"{main_cfg}: no such bundle config (is {root} a bundle folder?)")
+    files = [main_cfg] + [find_bundle_config(root, f) for f in (extra or [])]
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser["bundle_root"] = str(root)
+    return parser, root
+
+
 def bundle_root(name: str, argv: list[str] | None = None) -> str:
     """Absolute path of the bundle folder ``bundles/<name>``.
 
@@ -113,7 +139,7 @@ def bundle_root(name: str, argv: list[str] | None = None) -> str:
         cfg = cfg.expanduser().resolve()
         if cfg.parent.name == "configs" and (cfg.parent.parent / "configs").is_dir():
             return str(cfg.parent.parent)
-    checkout = Path(__file__).resolve().parents[1] / "bundles" / name
+    checkout = _CHECKOUT_BUNDLES / name
     if checkout.is_dir():
         return str(checkout)
     local = Path.cwd() / "bundles" / name

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .bundle import find_bundle, find_bundle_config
+from .bundle import bundle_parser, find_bundle
 
 __all__ = ["COMMANDS", "register_command", "build_parser", "main"]
 
@@ -156,17 +156,8 @@ register_command("prepare", _add_prepare)
 
 # ---- bundles: restore / compare / interference ---------------------------------------------------------
 def _bundle_parser(bundle: str, config: str, extra: Sequence[str] | None, overrides: dict):
-    """A MONAI ConfigParser over ``<bundle>/configs/<config>`` plus extra config files, with ``bundle_root`` set."""
-    from monai.bundle import ConfigParser
-
-    root = find_bundle(bundle)
-    main_cfg = root / "configs" / config
-    if not main_cfg.is_file():
-        raise ValueError(f"{main_cfg}: no such bundle config (is {root} a bundle folder?)")
-    files = [str(main_cfg)] + [str(find_bundle_config(root, f)) for f in (extra or [])]
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser["bundle_root"] = str(root)
+    """:func:`medir_monai.bundle.bundle_parser` with the command's ``overrides`` (``None`` values left out)."""
+    parser, _ = bundle_parser(bundle, config, extra)
     for key, value in overrides.items():
         if value is not None:
             parser[key] = value

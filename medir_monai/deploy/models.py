@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medir_monai.bundle import find_bundle, find_bundle_config
+from medir_monai.bundle import bundle_parser
 from medir_monai.restore import DEFAULT_ROI_SIZE
 
 __all__ = ["METADATA_KEY", "OnnxNetwork", "RestorationModel", "bundle_of_config", "check_input",
@@ -196,19 +196,10 @@ def load_bundle_network(
     Raises:
         ValueError: not a bundle folder or a missing extra config; FileNotFoundError: no weights.
     """
-    from monai.bundle import ConfigParser
-
     from medir_monai.networks import load_official_state_dict
     from medir_monai.networks.official import load_weights_file
 
-    root = find_bundle(bundle)
-    main_cfg = root / "configs" / _INFERENCE_CONFIG
-    if not main_cfg.is_file():
-        raise ValueError(f"{root}: not a bundle folder (no configs/{_INFERENCE_CONFIG})")
-    files = [main_cfg] + [find_bundle_config(root, f) for f in (config_files or [])]
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    parser["bundle_root"] = str(root)
+    parser, root = bundle_parser(bundle, _INFERENCE_CONFIG, config_files)
     network = parser.get_parsed_content("network_def", instantiate=True)
     ckpt = None
     if not untrained:
@@ -223,7 +214,7 @@ def load_bundle_network(
     settings = {key: parser.get_parsed_content(key) for key in SETTING_KEYS if key in parser}
     network = network.to(device).eval()
     name = parser.get("model_name", None) or type(network).__name__
-    roi = _pair(parser.get_parsed_content("patch_size"), f"{main_cfg} patch_size") if "patch_size" in parser else DEFAULT_ROI_SIZE
+    roi = _pair(parser.get_parsed_content("patch_size"), f"{root / 'configs' / _INFERENCE_CONFIG} patch_size") if "patch_size" in parser else DEFAULT_ROI_SIZE
     return network, {"model_name": str(name), "roi_size": roi, "checkpoint": str(ckpt) if ckpt else None,
                      "settings": settings, "training_profile": profile}
 

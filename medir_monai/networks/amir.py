@@ -37,8 +37,6 @@ __all__ = ["AMIR", "SpatialMoE", "SpatialRouting", "ChannelRouting", "Instructio
 
 #: combine modes of :class:`SpatialMoE`
 MOE_COMBINE_MODES = ("log", "linear")
-#: expert dispatch modes of :class:`SpatialMoE` (:mod:`medir_monai.networks.moe`)
-MOE_DISPATCH_MODES = DISPATCH_MODES
 #: the authors replace exact zeros of the mixed output by float64 machine epsilon before the log
 LOG_COMBINE_EPS = float(torch.finfo(torch.float64).eps)
 
@@ -118,8 +116,8 @@ class SpatialMoE(nn.Module):
         super().__init__()
         if combine not in MOE_COMBINE_MODES:
             raise ValueError(f"SpatialMoE: combine must be one of {MOE_COMBINE_MODES}, got {combine!r}.")
-        if dispatch not in MOE_DISPATCH_MODES:
-            raise ValueError(f"SpatialMoE: dispatch must be one of {MOE_DISPATCH_MODES}, got {dispatch!r}.")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"SpatialMoE: dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}.")
         if not 1 <= top_k <= num_experts:
             raise ValueError(
                 f"SpatialMoE: need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}."
