@@ -61,7 +61,7 @@ def main() -> None:
     from monai.bundle import ConfigParser
 
     import medir_monai.data
-    from medir_monai.engines import prepare_lq_hq
+    from medir_monai.data.batches import prepare_lq_hq
 
     torch.set_num_threads(args.threads)
     config = ConfigParser()

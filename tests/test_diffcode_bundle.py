@@ -16,19 +16,10 @@ from conftest import REPO_ROOT
 from monai.bundle import ConfigWorkflow
 from test_bundles import _events, _write_layout
 
-from medir_monai.engines.diffcode import (
-    CodebookReconstruction,
-    CodebookStageLoss,
-    DiffCodeLoss,
-    LatentTargetBatch,
-    MissingStageError,
-    SampleSeedHandler,
-    ScanTaskHandler,
-    prepare_hq_task_batch,
-    prepare_task_batch,
-    require_stage_files,
-)
-from medir_monai.networks.diffcode import DiffCode, DiffCodeAutoencoder, LatentDiffusion
+from medir_monai.data.batches import LatentTargetBatch, prepare_hq_task_batch, prepare_task_batch
+from medir_monai.handlers.diffcode import MissingStageError, SampleSeedHandler, ScanTaskHandler, require_stage_files
+from medir_monai.losses import CodebookStageLoss, DiffCodeLoss
+from medir_monai.networks.diffcode import CodebookReconstruction, DiffCode, DiffCodeAutoencoder, LatentDiffusion
 
 CONFIGS = REPO_ROOT / "bundles" / "diffcode" / "configs"
 SCHEMA = REPO_ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"

@@ -9,6 +9,7 @@ from .dataset import (
     restoration_dataset,
     restoration_transforms,
 )
+from .batches import LatentTargetBatch, prepare_hq_task_batch, prepare_lq_hq, prepare_task_batch
 from .bundle_data import (
     CheckFinited,
     build_dataset,
@@ -47,4 +48,8 @@ __all__ = [
     "prepare_dataset_dir",
     "robust_augmentations",
     "training_profile",
+    "prepare_lq_hq",
+    "prepare_task_batch",
+    "prepare_hq_task_batch",
+    "LatentTargetBatch",
 ]

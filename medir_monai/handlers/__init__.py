@@ -1,6 +1,16 @@
-"""Handlers for MONAI engines: per-task metrics, TensorBoard images and routing, atomic checkpoints, EMA, reports."""
+"""Handlers for MONAI engines: per-task metrics, TensorBoard images and routing, atomic checkpoints, EMA, reports,
+DiffCode's stages."""
 
 from .checkpoint import BestModelSaver, ResumableCheckpoint, atomic_save
+from .diffcode import (
+    CodebookUsageHandler,
+    MissingStageError,
+    SampleSeedHandler,
+    ScanTaskHandler,
+    StageWeightsLoader,
+    load_stage_weights,
+    require_stage_files,
+)
 from .ema import EMAHandler, EMAModel
 from .metrics import TaskMeanMetric, TaskMetricCollector, task_metrics
 from .report import EvalReportHandler, ValidationSummaryHandler, format_report, write_metrics_csv
@@ -10,6 +20,13 @@ from .tensorboard import RoutingHandler, TaskImageHandler, display_image
 __all__ = [
     "AttachHandler",
     "BestModelSaver",
+    "CodebookUsageHandler",
+    "MissingStageError",
+    "SampleSeedHandler",
+    "ScanTaskHandler",
+    "StageWeightsLoader",
+    "load_stage_weights",
+    "require_stage_files",
     "EMAHandler",
     "EMAModel",
     "EvalReportHandler",

@@ -19,6 +19,7 @@ from .diffusion import LatentDenoiser, LatentDiffusion
 from .model import DiffCode
 from .naf import NAFDecoder, NAFEncoder
 from .restoration import NAFBlock, RoutedNAFNet, TaskClassifier, TaskGlobalRouting
+from .stages import CodebookReconstruction, DecodedPrior
 
 __all__ = [
     "DiffCode",
@@ -34,4 +35,6 @@ __all__ = [
     "NAFDecoder",
     "residual_quantize",
     "codebook_perplexity",
+    "CodebookReconstruction",
+    "DecodedPrior",
 ]

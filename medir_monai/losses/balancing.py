@@ -1,4 +1,5 @@
-"""Training losses beyond plain L1 (docs/design.md, section 4).
+"""Loss balancing: TAT's sample-adaptive weights, task uncertainty weights, AMIR's balance term
+(docs/design.md, section 4).
 
 * :class:`TATLossBalancing`: TAT's sample-adaptive loss balancing (TAT, MICCAI 2025, Sec. 2.3). A small
   MLP looks at three detached per-sample L1 distances and predicts an uncertainty ``sigma_i`` that
@@ -228,42 +229,3 @@ class TaskUncertaintyLoss(nn.Module):
             count = terms.new_tensor(float(self.num_tasks))
         total = terms.sum()
         return total / count if self.reduction == "mean" else total
-
-
-class DiffCodeCodebookLoss(nn.Module):
-    """DiffCode stage-I objective (DiffCode, MICCAI 2025, stage I): ``l1_weight * L1(recon, HQ) + vq_weight * vq``.
-
-    ``vq`` is the quantiser's ``||sg[z] - z_q||^2 + beta ||z - sg[z_q]||^2`` returned by
-    :class:`medir_monai.networks.diffcode.DiffCodeAutoencoder` (``beta = 0.25``); both weights are 1 in the paper.
-
-    Example::
-
-        recon, vq_loss, _ = autoencoder(hq, task)
-        loss = DiffCodeCodebookLoss()(recon, hq, vq_loss)
-
-    After a call, ``last_terms`` holds the detached ``l1`` and ``vq`` terms (for logging).
-    """
-
-    def __init__(self, l1_weight: float = 1.0, vq_weight: float = 1.0) -> None:
-        super().__init__()
-        if l1_weight < 0 or vq_weight < 0:
-            raise ValueError(f"DiffCodeCodebookLoss: weights must be >= 0, got {l1_weight}, {vq_weight}.")
-        self.l1_weight = float(l1_weight)
-        self.vq_weight = float(vq_weight)
-        self.last_terms: dict[str, torch.Tensor] = {}
-
-    def forward(self, recon: torch.Tensor, target: torch.Tensor, vq_loss: torch.Tensor) -> torch.Tensor:
-        """Total stage-I loss (0-dim) from the reconstruction, the HQ target and the quantiser loss."""
-        if recon.shape != target.shape:
-            raise ValueError(
-                f"DiffCodeCodebookLoss: recon and target must have the same shape, got {tuple(recon.shape)}, "
-                f"{tuple(target.shape)}."
-            )
-        if vq_loss.numel() != 1:
-            raise ValueError(f"DiffCodeCodebookLoss: vq_loss must be a scalar, got shape {tuple(vq_loss.shape)}.")
-        l1 = torch.mean(torch.abs(recon - target))
-        self.last_terms = {"l1": l1.detach(), "vq": vq_loss.detach().reshape(())}
-        return self.l1_weight * l1 + self.vq_weight * vq_loss.reshape(())
-
-
-__all__ += ["DiffCodeCodebookLoss"]

@@ -1,4 +1,4 @@
-"""Engine pieces for MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``.
+"""The papers' training losses behind the ``loss_function(pred, label)`` interface of MONAI's ``SupervisedTrainer``.
 
 The models keep one forward contract (``forward(x) -> restored``), so the stock MONAI engines run them; what
 differs per paper is only the loss, which :class:`RestorationLoss` provides:
@@ -25,14 +25,7 @@ from torch import nn
 
 from ..wrappers import unwrap
 
-__all__ = ["RestorationLoss", "prepare_lq_hq"]
-
-
-def prepare_lq_hq(batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for the engines: the LQ image is the network input, the HQ image the target."""
-    lq = batchdata["lq"].to(device=device, non_blocking=non_blocking, **kwargs)
-    hq = batchdata["hq"].to(device=device, non_blocking=non_blocking, **kwargs) if "hq" in batchdata else None
-    return lq, hq
+__all__ = ["RestorationLoss"]
 
 
 class RestorationLoss(nn.Module):
