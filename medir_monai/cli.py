@@ -38,9 +38,9 @@ def register_command(name: str, add_parser: Callable[[argparse._SubParsersAction
 
 # ---- demo-data ------------------------------------------------------------------------------------------
 def _run_demo_data(args: argparse.Namespace) -> int:
-    from .data.demo import default_demo_dir, ensure_demo_dataset
+    from .data.demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 
-    out = Path(args.out) if args.out else default_demo_dir()
+    out = Path(args.out) if args.out else (extended_demo_dir() if args.extended else default_demo_dir())
     path = ensure_demo_dataset(
         out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet, tasks=args.tasks, extended=args.extended
     )
@@ -62,7 +62,12 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
             "skipped when a complete one exists. Provenance: <out>/SOURCES.md."
         ),
     )
-    p.add_argument("--out", default=None, help="output folder (default: $MEDIR_DEMO_DIR or ~/.cache/medir_monai/demo)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: $MEDIR_DEMO_DIR or ~/.cache/medir_monai/demo; with --extended $MEDIR_EXTENDED_DIR "
+        "or ~/.cache/medir_monai/extended, where the bundles' pretrained.json read it)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     p.add_argument(
         "--max-slices",

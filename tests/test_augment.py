@@ -1,5 +1,7 @@
 """Robust-training transforms (``medir_monai.transforms.augment``) and their use in datasets and restoration."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,21 @@ def test_dose_draws_stay_in_range_and_follow_the_seed():
     again = RandDoseScaled(dose_range=(0.1, 0.5), nominal_dose=0.25).set_random_state(3)
     again.randomize()
     assert again.factor == factors[0]
+
+
+def test_dose_is_drawn_log_uniformly():
+    # a dose is a scale: over 0.1-4.0 each factor of 40 ** (1 / 4) in dose gets a quarter of the draws (a uniform
+    # draw would put 96 % of them above a quarter dose and ~2 % below 0.25)
+    t = RandDoseScaled(dose_range=(0.1, 4.0), nominal_dose=0.25).set_random_state(0)
+    doses = []
+    for _ in range(4000):
+        t.randomize()
+        doses.append(0.25 / t.factor**2)  # insert model: factor = sqrt(d0 / d)
+    doses = np.asarray(doses)
+    assert doses.min() >= 0.1 - 1e-9 and doses.max() <= 4.0 + 1e-9
+    below_quarter = float(np.mean(doses < 0.25))
+    assert below_quarter == pytest.approx(math.log(2.5) / math.log(40.0), abs=0.03)  # ~0.25
+    assert float(np.median(doses)) == pytest.approx((0.1 * 4.0) ** 0.5, rel=0.08)  # geometric mean 0.63
 
 
 @pytest.mark.parametrize(
@@ -133,6 +150,20 @@ def test_task_gate_applies_only_to_its_tasks():
     assert torch.equal(gate({"lq": x, "hq": x, "task_name": "mri_sr"})["lq"], 3 * x)
     ct = {"lq": x, "hq": x, "task_name": "ct_denoise"}
     assert gate(ct) is ct
+
+
+def test_pet_scale_option_scales_pet_pairs_only():
+    from medir_monai.data import robust_augmentations
+
+    (gate,) = robust_augmentations(pet_scale_range=(2.0, 2.0))
+    pet = {"lq": torch.full((1, 4, 4), 0.2), "hq": torch.full((1, 4, 4), 0.1), "task_name": "pet_synthesis"}
+    out = gate(pet)
+    assert torch.allclose(out["lq"], 2 * pet["lq"]) and torch.allclose(out["hq"], 2 * pet["hq"])  # pair kept
+    assert torch.allclose(gate({**pet, "lq": torch.full((1, 4, 4), 0.8)})["lq"], torch.ones(1, 4, 4))  # model range
+    mri = {**pet, "task_name": "mri_sr"}
+    assert gate(mri) is mri
+    with pytest.raises(ValueError, match="scale_range"):
+        robust_augmentations(pet_scale_range=(0.0, 2.0))
 
 
 def test_dataset_applies_the_options(tmp_path):

@@ -76,10 +76,11 @@ def demo(tmp_path_factory) -> Path:
 
 def test_layout_counts_and_provenance(demo):
     manifest = json.loads((demo / MANIFEST_NAME).read_text())
-    # max_slices caps each source: MRI has 7 training sources, PET one (the brain); one source per other split
+    # max_slices caps each source: MRI has 7 training sources, PET two (the brain and the abdomen phantom); one
+    # source per other split
     assert manifest["counts"] == {
         "mri_sr": {"train": 7 * MAX_SLICES, "validation": MAX_SLICES, "test": MAX_SLICES},
-        "pet_synthesis": {s: MAX_SLICES for s in SPLITS},
+        "pet_synthesis": {"train": 2 * MAX_SLICES, "validation": MAX_SLICES, "test": MAX_SLICES},
     }
     for task in ("mri_sr", "pet_synthesis"):
         for split in SPLITS:
@@ -135,7 +136,7 @@ def test_pet_slices_in_suv_and_lq_worse(demo):
             assert abs(lq[body].mean() / hq[body].mean() - 1.0) < 0.1  # same mean: only counts differ
             psnr = _psnr(lq, hq, "pet_synthesis")
             assert PSNR_LOWER < psnr < PSNR_UPPER["pet_synthesis"], psnr
-    # the test anatomy is a body (two hot lesions of SUV 8 in it), the training one a brain
+    # the test anatomy is a CT-based phantom (a head with two hot lesions of SUV 8), not the brain template
     (_, test_hq), *_ = _pairs(demo, "pet_synthesis", "test")
     assert test_hq.max() > 4.0 and (test_hq > 0.3).sum() > 3000
 
@@ -237,3 +238,18 @@ def test_validation_report_names_the_demo_sources():
     assert demo_sources_of(rows) == {"mri_sr": ["nib_epi"], "ct_denoise": ["neck"], "pet_synthesis": ["abdomen_body"]}
     assert source_of("pet_synthesis", "abdomen_body_r0_id.nii.gz") == "abdomen_body"  # not the CT source "abdomen"
     assert demo_sources_of(rows + [{"task": "ct_denoise", "file": "/mayo/L067_0001.nii.gz"}]) == {}  # not the demo
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_demo_data_command_writes_the_folder_the_configs_read(tmp_path, monkeypatch, extended):
+    """Without --out, `medir demo-data` builds where the bundles look: the demo folder (quick.json / train.json),
+    or with --extended the extended folder (pretrained.json), never one over the other."""
+    import medir_monai.data.demo as demo_module
+
+    monkeypatch.setenv("MEDIR_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("MEDIR_EXTENDED_DIR", str(tmp_path / "ext"))
+    calls = []
+    monkeypatch.setattr(demo_module, "ensure_demo_dataset", lambda out, **kw: calls.append((out, kw)) or out)
+    assert main(["demo-data", "--quiet"] + (["--extended"] if extended else [])) == 0
+    (out, kwargs), = calls
+    assert out == (tmp_path / ("ext" if extended else "demo")) and kwargs["extended"] is extended

@@ -58,6 +58,25 @@ def test_profile_ranges_and_their_widening_by_robust_training(ct_items):
     json.dumps(wide)  # stored in checkpoints: plain JSON-able values
 
 
+def test_pet_scale_widens_intensity_and_noise_of_the_pet_profile(tmp_path):
+    def pet(seed: int, noise: float) -> np.ndarray:
+        yy, xx = np.mgrid[:64, :64] / 64 - 0.5
+        body = np.where(yy**2 + xx**2 < 0.35**2, 1.5, 0.0).astype(np.float32)
+        return body + (body > 0) * np.random.default_rng(seed).normal(0, noise, body.shape).astype(np.float32)
+
+    items = [{"task": "pet_synthesis", "hq": _write(tmp_path / f"hq{i}.nii.gz", pet(i, 0.0), 2.0),
+              "lq": _write(tmp_path / f"lq{i}.nii.gz", pet(i, 0.1), 2.0)} for i in range(2)]
+    plain = profile_items(items)["tasks"]["pet_synthesis"]
+    wide = profile_items(items, robust={"pet_scale_range": [0.5, 2.0]})["tasks"]["pet_synthesis"]
+    for key in ("intensity_p99", "noise_std"):
+        assert wide[key] == pytest.approx([plain[key][0] * 0.5, plain[key][1] * 2.0])
+    assert wide["pixel_size_mm"] == plain["pixel_size_mm"]  # a scale changes no geometry
+    # an SUV-scaled scan of the same body: outside the plain profile, inside the widened one
+    profile = {"version": 1, "tasks": {"pet_synthesis": plain}}
+    assert any("intensity" in r for r in check_scan(profile, 1.8 * pet(5, 0.1), "pet_synthesis", 2.0))
+    assert check_scan({"version": 1, "tasks": {"pet_synthesis": wide}}, 1.8 * pet(5, 0.1), "pet_synthesis", 2.0) == []
+
+
 def test_check_scan_names_what_lies_outside(ct_items):
     profile = profile_items(ct_items)
     assert check_scan(profile, _ct_slice(64, 20.0, 7), "ct_denoise", 0.7) == []

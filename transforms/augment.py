@@ -86,8 +86,12 @@ def dose_noise_factor(
 
 
 class RandDoseScaled(Randomizable, MapTransform):
-    """Re-dose an LQ/HQ pair: ``LQ <- HQ + s (LQ - HQ)``, ``s`` from a dose fraction drawn uniformly in
+    """Re-dose an LQ/HQ pair: ``LQ <- HQ + s (LQ - HQ)``, ``s`` from a dose fraction drawn log-uniformly in
     ``dose_range`` (see :func:`dose_noise_factor`). Works in physical or normalised units alike (linear).
+
+    The draw is log-uniform because a dose is a scale: every factor of two in dose gets the same share of the
+    samples. A uniform draw over a wide range such as 0.1-4.0 puts 96 % of the samples above a quarter dose, so a
+    model trained with it sees almost only inputs quieter than the quarter-dose scans it is evaluated on.
 
     Args:
         keys: ``(lq_key, hq_key)``.
@@ -122,7 +126,8 @@ class RandDoseScaled(Randomizable, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         apply = self.R.random_sample() < self.prob
-        dose = self.R.uniform(*self.dose_range) if apply else self.nominal_dose
+        low, high = self.dose_range
+        dose = math.exp(self.R.uniform(math.log(low), math.log(high))) if apply else self.nominal_dose
         self.factor = float(dose_noise_factor(dose, self.nominal_dose, self.noise_model))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -71,6 +71,7 @@ def robust_augmentations(
     pet_dose_range: Sequence[float] | None = None,
     pet_noise_model: str = "thinning",
     mri_scale_range: Sequence[float] | None = None,
+    pet_scale_range: Sequence[float] | None = None,
     zoom_range: Sequence[float] | None = None,
     zoom_prob: float = 0.5,
     zoom_tasks: Sequence[str] = ("ct_denoise", "pet_synthesis"),
@@ -89,6 +90,9 @@ def robust_augmentations(
         pet_noise_model: as ``ct_noise_model``, for PET.
         mri_scale_range: MRI intensity factors (:class:`~medir_monai.transforms.RandIntensityScaled`, clipped to
             the model range).
+        pet_scale_range: PET SUV factors (:class:`~medir_monai.transforms.RandIntensityScaled`, clipped to the model
+            range): the SUV normalisation (injected dose per body weight, calibration) scales a patient's image
+            without changing its counts, so a scaled pair is another patient's valid pair.
         zoom_range: pixel-size factors (:class:`~medir_monai.transforms.RandPixelSized`).
         zoom_prob: probability of resampling a sample.
         zoom_tasks: the tasks resampled. Not MRI by default: its degradation is defined on the acquired grid (k-space
@@ -107,6 +111,9 @@ def robust_augmentations(
     if mri_scale_range is not None:
         scale = RandIntensityScaled(("lq", "hq"), scale_range=mri_scale_range, clip=(0.0, 1.0))
         steps.append(RandForTasksd(scale, tasks=["mri_sr"]))
+    if pet_scale_range is not None:
+        scale = RandIntensityScaled(("lq", "hq"), scale_range=pet_scale_range, clip=(0.0, 1.0))
+        steps.append(RandForTasksd(scale, tasks=["pet_synthesis"]))
     if zoom_range is not None:
         steps.append(RandForTasksd(RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob), tasks=zoom_tasks))
     return steps

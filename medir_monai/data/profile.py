@@ -144,6 +144,10 @@ def profile_items(
             entry["intensity_p99"] = None  # every scan is scaled to the reference first
         elif name == "mri_sr" and robust.get("mri_scale_range") and "intensity_p99" in entry:
             entry["intensity_p99"] = _widen(*entry["intensity_p99"], tuple(robust["mri_scale_range"]))
+        if name == "pet_synthesis" and robust.get("pet_scale_range"):  # SUV scaled: percentiles and noise alike
+            for key in ("intensity_p99", "noise_std"):
+                if entry.get(key):
+                    entry[key] = _widen(*entry[key], tuple(robust["pet_scale_range"]))
         tasks[name] = entry
     return {"version": PROFILE_VERSION, "tasks": tasks}
 

@@ -314,7 +314,8 @@ def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
     by_name = {s.name: s for s in CT_SOURCES}
     for name, split in PET_BODY_SOURCES.items():
         body_suv, body_mu, pixel = _body_phantom(by_name[name], seed)
-        jobs = _subsample([(r, f) for r in range(PET_BODY_REALISATIONS) for f in PET_BODY_FLIPS], max_slices)
+        realisations = range(PET_BODY_REALISATIONS[split])
+        jobs = _subsample([(r, f) for r in realisations for f in PET_BODY_FLIPS], max_slices)
         act = np.stack([_flip(body_suv, f) for _, f in jobs])
         att = np.stack([_flip(body_mu, f) for _, f in jobs])
         hq, lq = simulate_pet_pair(act, mu_map=att, pixel_size_mm=pixel, rng=_seed(seed, "pet-body", name), **PET_SIM_ARGS)

@@ -128,10 +128,11 @@ Every row is one source (a subject / volume / scanner) and goes to exactly one s
   attenuation, randoms and PSF modelling. HQ = full-count OSEM, LQ = 1/12-count OSEM, both in SUV.
 - Training: brain planes {PET_Z_RANGE[0]}..{PET_Z_RANGE[1] - 1} (2 mm), {PET_REALISATIONS["train"]} independent
   count realisations per plane.
-- **Validation and test: body anatomy never in PET training.** The real CT slices
-  {", ".join(f"{n} ({sp})" for n, sp in PET_BODY_SOURCES.items())} (CT table below) turned into FDG-like maps by tissue class: SUV {body_suv_text}, plus
+- **Body anatomy from real CT slices** (CT table below; a patient keeps its CT split):
+  {", ".join(f"{n} ({sp})" for n, sp in PET_BODY_SOURCES.items())}, turned into FDG-like maps by tissue class: SUV {body_suv_text}, plus
   {PET_BODY_LESIONS["count"]} hot spots of SUV {PET_BODY_LESIONS["suv"]:g} (radius {PET_BODY_LESIONS["radius_mm"]:g} mm)
   in soft tissue; attenuation {PET_MU_PER_MM}/mm x (1 + HU/1000); block-averaged to about
-  {PET_BODY_PIXEL_MM:g} mm pixels; {PET_BODY_REALISATIONS} count realisations x flips {PET_BODY_FLIPS}, same
-  simulation as above.
+  {PET_BODY_PIXEL_MM:g} mm pixels; {PET_BODY_REALISATIONS} count realisations (train / validation / test) x flips
+  {PET_BODY_FLIPS}, same simulation as above. **The validation (neck) and test (a head without brain-specific
+  uptake) regions are never in PET training**, which holds the brain and the abdomen phantom.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..io import DataError
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 """Bumped whenever the content changes, so older builds are rebuilt."""
 MANIFEST_NAME = "manifest.json"
 SOURCES_NAME = "SOURCES.md"
@@ -110,9 +110,12 @@ PET_HELD_OUT: dict[str, tuple[int, int]] = {}  # every brain plane trains; valid
 PET_GAP = 1
 PET_REALISATIONS = {"train": 2, "validation": 2, "test": 2}
 PET_BATCH = 16  # slices simulated together
-PET_BODY_SOURCES = {"neck": "validation", "abdomen": "test"}
-"""Real CT slices (of :data:`CT_SOURCES`) turned into body FDG phantoms, and their split: the PET validation and
-test anatomy, never in PET training."""
+PET_BODY_SOURCES = {"abdomen": "train", "neck": "validation", "head1149": "test"}
+"""Real CT slices (of :data:`CT_SOURCES`) turned into FDG phantoms by tissue class, and their split. A patient keeps
+its CT split (the neck is validation and the head 1149 test in both tasks), so PET training holds body anatomy
+(clinical PET is mostly whole-body) besides the brain, and the PET validation (neck) and test (a head without
+brain-specific uptake) are regions no PET training slice shows. Not used: the head 693 (no head phantom trains)
+and the 128 x 128 thorax crop (a 43-pixel body at PET resolution)."""
 PET_BODY_PIXEL_MM = 2.0
 PET_BODY_SUV = (  # (upper HU bound, SUV) by tissue class of the CT
     (-900.0, 0.0),  # air
@@ -122,7 +125,7 @@ PET_BODY_SUV = (  # (upper HU bound, SUV) by tissue class of the CT
     (float("inf"), 0.8),  # bone (marrow)
 )
 PET_BODY_LESIONS = {"count": 2, "suv": 8.0, "radius_mm": 5.0}  # hot spots placed in soft tissue
-PET_BODY_REALISATIONS = 3
+PET_BODY_REALISATIONS = {"train": 20, "validation": 3, "test": 3}
 PET_BODY_FLIPS = ("id", "lr")
 PET_SIM_ARGS = {
     "dose_fraction": 1.0 / 12.0,
