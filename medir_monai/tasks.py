@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "PAPER_PATCH_SIZE",
     "Task",
     "TASKS",
     "UnknownTaskError",
@@ -26,6 +27,10 @@ __all__ = [
     "task_from_folder",
     "task_from_modality",
 ]
+
+PAPER_PATCH_SIZE = 128
+"""Side of the square training crop of all three papers (AMIR, TAT, DiffCode: 128 x 128), the datasets' default
+crop and the default sliding window of restoration; the bundle configs set their own (``patch_size``)."""
 
 
 class UnknownTaskError(KeyError):

@@ -19,7 +19,7 @@ from monai.transforms import MapTransform
 
 from medir_monai.transforms import RandDoseScaled, RandForTasksd, RandIntensityScaled, RandPixelSized
 
-from ..tasks import get_task
+from ..tasks import PAPER_PATCH_SIZE, get_task
 from .dataset import restoration_dataset
 from .demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 from .io import DataError, is_image_file
@@ -123,7 +123,7 @@ def build_dataset(
     root: str | os.PathLike,
     split: str = "train",
     tasks: Sequence[str] | None = None,
-    patch_size: int | Sequence[int] | None = 128,
+    patch_size: int | Sequence[int] | None = PAPER_PATCH_SIZE,
     cache: str = "memory",
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -163,7 +163,7 @@ def build_dataset(
     return restoration_dataset(
         items,
         train=patch_size is not None,
-        patch_size=128 if patch_size is None else patch_size,
+        patch_size=PAPER_PATCH_SIZE if patch_size is None else patch_size,
         cache=cache,
         cache_dir=cache_dir,
         seed=seed,

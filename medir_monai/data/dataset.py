@@ -44,7 +44,7 @@ from monai.transforms import (
 import medir_monai.transforms
 from medir_monai.transforms import ForTasksd, ScaleToReferenced
 
-from ..tasks import get_task
+from ..tasks import PAPER_PATCH_SIZE, get_task
 from .io import DataError
 from .layout import WHOLE_FILE, check_same_shape, expand_to_slices, load_volume
 
@@ -281,7 +281,7 @@ def _unwrap_all(transforms: Sequence[Callable]) -> list:
 
 def restoration_transforms(
     train: bool = True,
-    patch_size: int | Sequence[int] = 128,
+    patch_size: int | Sequence[int] = PAPER_PATCH_SIZE,
     seed: int = 0,
     axcodes: str | None = "RAS",
     augmentations: Sequence[Callable] | None = None,
@@ -359,7 +359,7 @@ class RestorationPersistentDataset(PersistentDataset):
 def restoration_dataset(
     data: Sequence[dict],
     train: bool = True,
-    patch_size: int | Sequence[int] = 128,
+    patch_size: int | Sequence[int] = PAPER_PATCH_SIZE,
     cache: str = "memory",
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 0,

@@ -52,7 +52,7 @@ except ImportError as _err:
 from medir_monai.deploy.models import RestorationModel, load_restoration_model
 from medir_monai.deploy.series import RestoredScan, restore_with_model, scan_from_datasets, write_restored
 from medir_monai.data.io import DataError
-from medir_monai.restore import input_kind, read_scan
+from medir_monai.restore import DEFAULT_OVERLAP, DEFAULT_SW_BATCH_SIZE, input_kind, read_scan
 from medir_monai.tasks import TASKS, UnknownTaskError, get_task
 
 __all__ = [
@@ -139,7 +139,7 @@ class RestoreOperator(Operator):
     """
 
     def __init__(self, fragment: Fragment, *args: Any, model: RestorationModel, task: str | None = None,
-                 overlap: float = 0.25, sw_batch_size: int = 4, **kwargs: Any) -> None:
+                 overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = DEFAULT_SW_BATCH_SIZE, **kwargs: Any) -> None:
         self.model = model
         self.task = task
         self.overlap = overlap
@@ -204,7 +204,8 @@ class MedirRestoreApp(Application):
         config_files, checkpoint: bundle options (when ``-m`` is a bundle folder).
     """
 
-    def __init__(self, *args: Any, task: str | None = None, overlap: float = 0.25, sw_batch_size: int = 4,
+    def __init__(self, *args: Any, task: str | None = None, overlap: float = DEFAULT_OVERLAP,
+                 sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
                  overwrite: bool = False, config_files: Sequence[str] | None = None,
                  checkpoint: str | None = None, **kwargs: Any) -> None:
         self.task = get_task(task).name if task else None
@@ -249,8 +250,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("-m", "--model", required=True, help="TorchScript file (.ts/.pt), .onnx file, or bundle folder")
     p.add_argument("--task", default=None, help="mri_sr, ct_denoise or pet_synthesis (default: DICOM Modality)")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help=f"sliding-window overlap (default {DEFAULT_OVERLAP})")
+    p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH_SIZE,
+                   help=f"windows per forward pass (default {DEFAULT_SW_BATCH_SIZE})")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--config", nargs="*", default=None, help="bundle only: extra config files (e.g. quick.json)")
     p.add_argument("--checkpoint", default=None, help="bundle only: weights (default: the bundle's ckpt_path)")

@@ -52,7 +52,7 @@ from .scans import (
     slice_order,
     task_unit_factor,
 )
-from .window import DEFAULT_ROI_SIZE, restore_array
+from .window import DEFAULT_OVERLAP, DEFAULT_ROI_SIZE, DEFAULT_SW_BATCH_SIZE, restore_array
 from .writers import DERIVED_SERIES_OFFSET, SERIES_DESCRIPTION_TEMPLATE, derived_series_number, write_scan
 
 __all__ = [
@@ -61,7 +61,9 @@ __all__ = [
     "OutputExistsError",
     "ScanImage",
     "Restorer",
+    "DEFAULT_OVERLAP",
     "DEFAULT_ROI_SIZE",
+    "DEFAULT_SW_BATCH_SIZE",
     "DERIVED_SERIES_OFFSET",
     "SERIES_DESCRIPTION_TEMPLATE",
     "restore_array",

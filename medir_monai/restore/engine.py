@@ -23,7 +23,7 @@ from medir_monai.tasks import Task
 
 from .outputs import check_output_path, output_path_for
 from .scans import ScanImage, has_suffix, read_scan, resolve_task, scan_pixel_size, scan_slice_axis, task_unit_factor
-from .window import DEFAULT_ROI_SIZE, restore_array
+from .window import DEFAULT_OVERLAP, DEFAULT_ROI_SIZE, DEFAULT_SW_BATCH_SIZE, restore_array
 from .writers import write_scan
 
 
@@ -76,7 +76,8 @@ class ScanInferer(Inferer):
             :func:`prepare_scan_batch`).
     """
 
-    def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = 0.25, sw_batch_size: int = 4,
+    def __init__(self, roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE, overlap: float = DEFAULT_OVERLAP,
+                 sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
                  mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int | None = None,
                  progress: bool = True,
                  intensity_reference: Mapping[str, Mapping] | None = None,

@@ -18,11 +18,15 @@ from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from medir_monai.safeguard import RestorationSafeguard
-from medir_monai.tasks import Task, get_task
+from medir_monai.tasks import PAPER_PATCH_SIZE, Task, get_task
 from medir_monai.transforms import ScaleToReference
 
-DEFAULT_ROI_SIZE = (128, 128)
+DEFAULT_ROI_SIZE = (PAPER_PATCH_SIZE, PAPER_PATCH_SIZE)
 """The papers' training patch (docs/design.md, section 4): the natural sliding-window size."""
+DEFAULT_OVERLAP = 0.25
+"""Sliding-window overlap of every restoration path (``medir restore``, the bundles, the Deploy and Label apps)."""
+DEFAULT_SW_BATCH_SIZE = 4
+"""Windows per network call."""
 
 
 def _module_device(network: Callable) -> torch.device:
@@ -72,8 +76,8 @@ def restore_array(
     image: torch.Tensor | np.ndarray,
     task: str | Task,
     roi_size: int | Sequence[int] = DEFAULT_ROI_SIZE,
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
+    overlap: float = DEFAULT_OVERLAP,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
     mode: str = "gaussian",
     device: torch.device | str | None = None,
     sw_device: torch.device | str | None = None,

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 
+from ...tasks import get_task
 from ..io import DataError
 
 DEMO_VERSION = 3
@@ -98,7 +99,7 @@ CT_FLIPS = ("id", "lr", "ud", "lrud")
 CT_VIEWS = 360
 """Half the transforms' default 720 views, with twice the photons per view (same total dose, same noise
 level), which halves the build time."""
-CT_SIM_ARGS = {"dose_fraction": 0.25, "mode": "insert_noise", "num_views": CT_VIEWS}
+CT_SIM_ARGS = {**get_task("ct_denoise").degradation_args, "num_views": CT_VIEWS}  # the registry's quarter dose
 
 PET_PIXEL_MM = 2.0
 PET_SLICE_SIZE = (128, 128)
@@ -128,7 +129,7 @@ PET_BODY_LESIONS = {"count": 2, "suv": 8.0, "radius_mm": 5.0}  # hot spots place
 PET_BODY_REALISATIONS = {"train": 20, "validation": 3, "test": 3}
 PET_BODY_FLIPS = ("id", "lr")
 PET_SIM_ARGS = {
-    "dose_fraction": 1.0 / 12.0,
+    "dose_fraction": get_task("pet_synthesis").degradation_args["dose_fraction"],  # the registry's 1/12
     "psf_fwhm_mm": 4.5,
     "randoms_fraction": 0.05,
     "iterations": 3,

@@ -19,7 +19,14 @@ import numpy as np
 
 from medir_monai.deploy.models import RestorationModel, bundle_of_config, model_kind
 from medir_monai.deploy.series import restore_with_model
-from medir_monai.restore import SERIES_DESCRIPTION_TEMPLATE, ScanImage, read_scan, write_scan
+from medir_monai.restore import (
+    DEFAULT_OVERLAP,
+    DEFAULT_SW_BATCH_SIZE,
+    SERIES_DESCRIPTION_TEMPLATE,
+    ScanImage,
+    read_scan,
+    write_scan,
+)
 from medir_monai.weights import shipped_models
 
 __all__ = [
@@ -137,8 +144,8 @@ def restore_to_nifti(
     image_path: str | os.PathLike,
     output_path: str | os.PathLike,
     task: str | None = None,
-    overlap: float = 0.25,
-    sw_batch_size: int = 4,
+    overlap: float = DEFAULT_OVERLAP,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
 ) -> tuple[Path, dict[str, Any]]:
     """Restore a NIfTI / ITK file, DICOM file or DICOM series folder and write a float32 NIfTI (physical units).
 

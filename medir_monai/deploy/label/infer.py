@@ -30,6 +30,7 @@ except ImportError as _err:
 
 from medir_monai.deploy.label.core import restore_to_nifti  # noqa: E402
 from medir_monai.deploy.models import RestorationModel, load_restoration_model  # noqa: E402
+from medir_monai.restore import DEFAULT_OVERLAP, DEFAULT_SW_BATCH_SIZE  # noqa: E402
 
 __all__ = ["RestorationInfer"]
 
@@ -56,7 +57,8 @@ class RestorationInfer(BasicInferTask):
         description: shown by MONAI Label clients.
     """
 
-    def __init__(self, model_path: str | Path, task: str | None = None, overlap: float = 0.25, sw_batch_size: int = 4,
+    def __init__(self, model_path: str | Path, task: str | None = None, overlap: float = DEFAULT_OVERLAP,
+                 sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
                  description: str | None = None) -> None:
         self.model_path = Path(model_path)
         self._model: RestorationModel | None = None
@@ -95,7 +97,7 @@ class RestorationInfer(BasicInferTask):
             data["image_path"],
             output,
             task=data.get("task") or None,
-            overlap=float(data.get("overlap", 0.25)),
+            overlap=float(data.get("overlap", DEFAULT_OVERLAP)),
             sw_batch_size=int(data.get("sw_batch_size", 4)),
         )
         data[self.output_label_key] = str(path)

@@ -35,6 +35,7 @@ except ImportError as _err:
 
 from medir_monai.deploy.label.core import discover_models  # noqa: E402
 from medir_monai.deploy.label.infer import RestorationInfer  # noqa: E402
+from medir_monai.restore import DEFAULT_OVERLAP  # noqa: E402
 from medir_monai.tasks import get_task  # noqa: E402
 
 __all__ = ["MedirRestorationApp"]
@@ -49,7 +50,7 @@ class MedirRestorationApp(MONAILabelApp):
         conf = dict(conf or {})
         task = conf.get("task") or None
         self.default_task = get_task(task).name if task else None
-        self.overlap = float(conf.get("overlap", 0.25))
+        self.overlap = float(conf.get("overlap", DEFAULT_OVERLAP))
         self.sw_batch_size = int(conf.get("sw_batch_size", 4))
         self.models = discover_models(conf)
         if not self.models:
