@@ -162,8 +162,17 @@ def test_pet_scale_option_scales_pet_pairs_only():
     assert torch.allclose(gate({**pet, "lq": torch.full((1, 4, 4), 0.8)})["lq"], torch.ones(1, 4, 4))  # model range
     mri = {**pet, "task_name": "mri_sr"}
     assert gate(mri) is mri
-    with pytest.raises(ValueError, match="scale_range"):
-        robust_augmentations(pet_scale_range=(0.0, 2.0))
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("ct_dose_range", (-0.1, 1.0)), ("pet_dose_range", (0.05, 1.5)), ("mri_scale_range", (0.0, 2.0)),
+     ("pet_scale_range", (2.0, 0.5)), ("zoom_range", (0.0, 1.0))],
+)
+def test_a_bad_robust_option_is_refused_by_its_config_name(option, value):
+    from medir_monai.data import robust_augmentations
+
+    with pytest.raises(ValueError, match=f"robust option {option}"):
+        robust_augmentations(**{option: value})
 
 
 def test_dataset_applies_the_options(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,15 @@ def _even_subset(items: list[dict], limit: int | None) -> list[dict]:
     return out
 
 
+@contextmanager
+def _naming(option: str):
+    """Re-raise a transform's ``ValueError`` with the ``robust`` option of the bundle config that set it."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"robust option {option}: {err}") from None
+
+
 def robust_augmentations(
     ct_dose_range: Sequence[float] | None = None,
     ct_noise_model: str = "insert",
@@ -100,22 +110,25 @@ def robust_augmentations(
             CT noise and PET resolution do change with the pixel size of another scanner.
     """
     steps: list = []
-    for task, dose_range, noise_model in (
-        ("ct_denoise", ct_dose_range, ct_noise_model),
-        ("pet_synthesis", pet_dose_range, pet_noise_model),
+    for task, option, dose_range, noise_model in (
+        ("ct_denoise", "ct_dose_range", ct_dose_range, ct_noise_model),
+        ("pet_synthesis", "pet_dose_range", pet_dose_range, pet_noise_model),
     ):
         if dose_range is not None:
             nominal = get_task(task).degradation_args["dose_fraction"]
-            redose = RandDoseScaled(("lq", "hq"), dose_range=dose_range, nominal_dose=nominal, noise_model=noise_model)
+            with _naming(option):
+                redose = RandDoseScaled(("lq", "hq"), dose_range=dose_range, nominal_dose=nominal, noise_model=noise_model)
             steps.append(RandForTasksd(redose, tasks=[task]))
-    if mri_scale_range is not None:
-        scale = RandIntensityScaled(("lq", "hq"), scale_range=mri_scale_range, clip=(0.0, 1.0))
-        steps.append(RandForTasksd(scale, tasks=["mri_sr"]))
-    if pet_scale_range is not None:
-        scale = RandIntensityScaled(("lq", "hq"), scale_range=pet_scale_range, clip=(0.0, 1.0))
-        steps.append(RandForTasksd(scale, tasks=["pet_synthesis"]))
+    for task, option, scale_range in (("mri_sr", "mri_scale_range", mri_scale_range),
+                                      ("pet_synthesis", "pet_scale_range", pet_scale_range)):
+        if scale_range is not None:
+            with _naming(option):
+                scale = RandIntensityScaled(("lq", "hq"), scale_range=scale_range, clip=(0.0, 1.0))
+            steps.append(RandForTasksd(scale, tasks=[task]))
     if zoom_range is not None:
-        steps.append(RandForTasksd(RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob), tasks=zoom_tasks))
+        with _naming("zoom_range / zoom_prob / zoom_tasks"):
+            zoom = RandForTasksd(RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob), tasks=zoom_tasks)
+        steps.append(zoom)
     return steps
 
 
