@@ -130,13 +130,13 @@ def test_metadata_describes_the_shipped_weights(name):
 
 @pytest.fixture(scope="module")
 def test_sources(tmp_path_factory):
-    """One slice of each MR / CT test source of the corpus (never in the shipped weights' training)."""
+    """One slice of each MR / CT / PET test source of the corpus (never in the shipped weights' training)."""
     from medir_monai.data.demo import ensure_demo_dataset
 
-    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", max_slices=1, tasks=("mri_sr", "ct_denoise"))
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", max_slices=1)
 
 
-@pytest.mark.parametrize("task, folder", [("mri_sr", "MRI"), ("ct_denoise", "CT")])
+@pytest.mark.parametrize("task, folder", [("mri_sr", "MRI"), ("ct_denoise", "CT"), ("pet_synthesis", "PET")])
 def test_shipped_amir_improves_a_slice_of_an_unseen_source(test_sources, task, folder):
     from medir_monai.data import load_image
     from medir_monai.deploy.models import load_restoration_model
@@ -207,3 +207,21 @@ def test_the_wheel_carries_the_weights_and_their_manifest(tmp_path):
     assert run.stdout.startswith(str(site)), run.stdout  # the wheel's copy ran, not the checkout
     written = list((scan.parent / "restored").rglob("*.nii.gz"))
     assert len(written) == 1 and nib.load(str(written[0])).shape[:2] == (48, 48)
+
+
+@pytest.mark.parametrize("name", ["amir", "restormer", "tat"])
+def test_guard_of_the_shipped_weights_is_silent_on_the_test_sources(test_sources, name):
+    """The test sources are other patients / scanners of the kinds the weights trained on: no warning; the same
+    slices far outside (0.1 mm pixels) are flagged."""
+    import nibabel as nib
+
+    from medir_monai.data import load_image
+    from medir_monai.data.profile import check_scan
+
+    profile = torch.load(weights_file(name), weights_only=True, map_location="cpu")["training_profile"]
+    for task, folder in (("mri_sr", "MRI"), ("ct_denoise", "CT"), ("pet_synthesis", "PET")):
+        lq_file = sorted((test_sources / folder / "test" / "LQ").glob("*.nii.gz"))[0]
+        lq = np.asarray(load_image(lq_file).squeeze())
+        pixel = float(abs(nib.load(str(lq_file)).affine[0, 0]))
+        assert check_scan(profile, lq, task, pixel) == [], (name, lq_file.name)
+        assert any("pixel size" in r for r in check_scan(profile, lq, task, 0.1)), (name, task)
