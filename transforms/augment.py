@@ -126,8 +126,7 @@ class RandDoseScaled(Randomizable, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         apply = self.R.random_sample() < self.prob
-        low, high = self.dose_range
-        dose = math.exp(self.R.uniform(math.log(low), math.log(high))) if apply else self.nominal_dose
+        dose = _log_uniform(self.R, self.dose_range) if apply else self.nominal_dose
         self.factor = float(dose_noise_factor(dose, self.nominal_dose, self.noise_model))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
@@ -348,6 +347,11 @@ def _log_uniform_or_one(rng: np.random.RandomState, value_range: tuple[float, fl
     when applied, one when not, so seeded sequences stay reproducible)."""
     if rng.random_sample() >= prob:
         return 1.0
+    return _log_uniform(rng, value_range)
+
+
+def _log_uniform(rng: np.random.RandomState, value_range: tuple[float, float]) -> float:
+    """A value drawn log-uniformly in ``value_range`` (one draw of ``rng``): each factor of two gets the same share."""
     low, high = value_range
     return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
