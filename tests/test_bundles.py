@@ -126,11 +126,20 @@ def test_train_then_evaluate(name, dataset, tmp_path):
     assert "LQ input" in report and "Average PSNR" in report and "pet_synthesis" in report
 
 
-def test_resume_is_bit_identical(dataset, tmp_path):
+def test_resume_is_bit_identical(dataset, tmp_path, capsys):
     """A run interrupted after the first validation interval and rerun reaches the uninterrupted run's weights."""
     cfg = _config("amir")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _run([cfg / "train.json"], **_overrides("amir", dataset, straight, seed=3))
+
+    # the same command after the run finished: says so and shows the last validation table again
+    capsys.readouterr()
+    _run([cfg / "train.json"], **_overrides("amir", dataset, straight, seed=3))
+    rerun = capsys.readouterr()
+    assert "training already finished at iteration 4" in rerun.err
+    assert "No validation in this run" in rerun.out
+    assert (straight / "runs" / "validation_report.md").read_text() in rerun.out
+    assert "| LQ input |" in rerun.out
 
     workflow = ConfigWorkflow(config_file=[str(cfg / "train.json")], workflow_type="train",
                               **_overrides("amir", dataset, interrupted, seed=3))

@@ -208,6 +208,11 @@ class ResumableCheckpoint:
                 )
             engine.state.max_epochs = configured_max_epochs  # the config may extend (not shorten) the run
         _notice(f"resumed from {path} at iteration {engine.state.iteration}")
+        if configured_max_epochs is not None and engine.state.epoch >= configured_max_epochs:
+            _notice(
+                f"training already finished at iteration {engine.state.iteration}: nothing left to train (raise "
+                f"max_iterations to train longer, or move {self.save_dir} away to train again from scratch)"
+            )
 
     def exit_on_no_space(self, engine: Engine, error: BaseException) -> None:
         """A full disk (here or in the evaluator's best-model saver): print one line naming the file, say which

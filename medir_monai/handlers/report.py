@@ -140,6 +140,7 @@ class ValidationSummaryHandler:
 
     def __call__(self, engine: Engine) -> None:
         if not self.collector.rows:
+            self._repeat_last_report()
             return
         counts: dict[str, int] = {}
         for row in self.collector.rows:
@@ -154,3 +155,9 @@ class ValidationSummaryHandler:
         if self.output_dir:
             atomic_write_text(Path(self.output_dir) / "validation_report.md", report)
         print("\n" + report, flush=True)
+
+    def _repeat_last_report(self) -> None:
+        """No validation ran (the command was rerun after training had finished): show the last table again."""
+        saved = Path(self.output_dir) / "validation_report.md" if self.output_dir else None
+        if saved is not None and saved.is_file():
+            print(f"\nNo validation in this run; the last one ({saved}):\n\n{saved.read_text()}", flush=True)
