@@ -61,6 +61,9 @@ class Task:
         display_invert: show with inverted grey (PET convention).
         degradation: name of the default degradation transform in ``medir_monai.transforms``.
         degradation_args: its default keyword arguments (the papers' settings).
+        degradation_on_grid: the degradation is defined on the image's own grid (k-space truncation keeps a fraction
+            of *its* bandwidth), so a random pixel size resamples the HQ image and simulates the LQ again instead of
+            resampling a stored pair.
         air_threshold: physical value under which a pixel counts as air when dropping empty slices
             (``None``: keep every slice).
         central_slices: keep only the central N slices of a volume (``None``: all). MRI uses 100.
@@ -78,6 +81,7 @@ class Task:
     display_invert: bool = False
     degradation: str = ""
     degradation_args: dict[str, Any] = field(default_factory=dict)
+    degradation_on_grid: bool = False
     air_threshold: float | None = None
     central_slices: int | None = None
     slice_axis: int = 2
@@ -160,6 +164,7 @@ register_task(
         display_window=(0.0, 4095.0),
         degradation="KSpaceTruncate",
         degradation_args={"keep_fraction": 0.25},
+        degradation_on_grid=True,
         air_threshold=None,
         central_slices=100,
     )

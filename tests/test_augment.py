@@ -14,8 +14,10 @@ from medir_monai.transforms import (
     RandForTasksd,
     RandIntensityScaled,
     RandPixelSized,
+    RandPixelSizedResimulated,
     ScaleToReference,
     ScaleToReferenced,
+    KSpaceTruncate,
     dose_noise_factor,
     simulate_low_dose_ct,
 )
@@ -128,6 +130,37 @@ def test_pixel_size_resamples_both_images_and_averages_noise():
     assert up["lq"].shape == (1, 192, 192)
     same = RandPixelSized(zoom_range=(0.5, 0.5), prob=0.0)({"lq": noise, "hq": noise})
     assert same["lq"] is noise
+
+
+def test_resimulated_pixel_size_keeps_the_mri_problem_a_4x_one():
+    hq = torch.from_numpy(_water_disk(128))[None] / 1000.0 + 1.0  # (1, 128, 128), a sharp-edged object
+    truncate = KSpaceTruncate(keep_fraction=0.25)
+    stored = {"hq": hq, "lq": truncate(hq), "task_name": "mri_sr"}
+    out = RandPixelSizedResimulated(truncate, zoom_range=(0.5, 0.5), prob=1.0)(stored)
+    assert out["hq"].shape == out["lq"].shape == (1, 64, 64)
+    assert torch.equal(out["lq"], truncate(out["hq"]))  # a quarter of the new grid's bandwidth, not of the old one
+    resampled_pair = RandPixelSized(zoom_range=(0.5, 0.5), prob=1.0)(stored)["lq"]  # what resampling the pair gives
+    assert float((resampled_pair - out["lq"]).abs().max()) > 0.05  # (a 2x problem on the new grid)
+    kept = RandPixelSizedResimulated(truncate, zoom_range=(0.5, 0.5), prob=0.0)(stored)
+    assert kept["lq"] is stored["lq"] and kept["hq"] is stored["hq"]
+    with pytest.raises(TypeError, match="degrade must be a callable"):
+        RandPixelSizedResimulated("KSpaceTruncate")
+    with pytest.raises(ValueError, match="must be a .C, H, W. image"):
+        RandPixelSizedResimulated(truncate, prob=1.0)({"hq": hq[0], "lq": hq[0]})
+
+
+def test_zoom_option_resimulates_mri_and_resamples_ct_pairs():
+    from medir_monai.data import robust_augmentations
+
+    default = robust_augmentations(zoom_range=(0.5, 0.5), zoom_prob=1.0)
+    assert len(default) == 1 and default[0].tasks == {"ct_denoise", "pet_synthesis"}  # MRI left alone by default
+    pairs, mri = robust_augmentations(zoom_range=(0.5, 0.5), zoom_prob=1.0,
+                                      zoom_tasks=["ct_denoise", "pet_synthesis", "mri_sr"])
+    x = torch.rand(1, 64, 64)
+    ct = pairs({"lq": x + 0.1, "hq": x, "task_name": "ct_denoise"})
+    assert torch.allclose(ct["lq"] - ct["hq"], torch.full((1, 32, 32), 0.1), atol=1e-5)  # the pair resampled together
+    out = mri({"lq": x + 0.1, "hq": x, "task_name": "mri_sr"})
+    assert torch.equal(out["lq"], KSpaceTruncate(keep_fraction=0.25)(out["hq"]))  # the registry's degradation
 
 
 def test_scale_to_reference_maps_the_percentile_and_inverts():

@@ -11,6 +11,10 @@ the (expensive) degradation physics still runs once:
   ``HQ + s (LQ - HQ)`` (:func:`dose_noise_factor`).
 * :class:`RandPixelSized`: the pixel size / grid (both images resampled by one random factor, anti-aliased,
   so a coarser grid also averages the noise as a coarser reconstruction grid does).
+* :class:`RandPixelSizedResimulated`: the pixel size / grid for a degradation defined on the acquired grid (MRI
+  k-space truncation keeps a fraction of *the image's* bandwidth): the HQ image is resampled and its LQ simulated
+  again, so the pair stays a pair of the same problem (resampling a stored pair would make a 4x problem a 2x or
+  6x one).
 * :class:`RandIntensityScaled`: the raw intensity scale (MRI has no physical unit; k-space truncation is
   linear, so scaling HQ and LQ together gives a valid pair).
 * :class:`ScaleToReference` / :class:`ScaleToReferenced`: per-scan normalisation, a robust percentile
@@ -23,7 +27,7 @@ Imports MONAI / torch / numpy only (never ``medir_monai``), like the rest of thi
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,7 @@ __all__ = [
     "RandDoseScaled",
     "RandIntensityScaled",
     "RandPixelSized",
+    "RandPixelSizedResimulated",
     "ScaleToReference",
     "ScaleToReferenced",
     "dose_noise_factor",
@@ -213,12 +218,68 @@ class RandPixelSized(Randomizable, MapTransform):
         if self.zoom == 1.0:
             return d
         for key in self.key_iterator(d):
-            img = _as_tensor(d[key])
-            if img.ndim != 3:
-                raise ValueError(f"RandPixelSized expects (C, H, W) images; {key!r} has shape {tuple(img.shape)}")
-            size = [max(self.min_size, round(s * self.zoom)) for s in img.shape[1:]]
-            d[key] = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+            d[key] = _resampled(_as_tensor(d[key]), self.zoom, self.min_size, f"RandPixelSized: {key!r}")
         return d
+
+
+class RandPixelSizedResimulated(Randomizable, MapTransform):
+    """Resample the HQ image by a zoom factor drawn log-uniformly in ``zoom_range`` (as :class:`RandPixelSized`)
+    and simulate its LQ again with ``degrade``: another grid for a degradation defined on the acquired grid.
+
+    MRI k-space truncation keeps a quarter of the bandwidth of the image it is applied to, so a scan of another
+    matrix size or field of view is a 4x problem on *its* grid; resampling a stored pair would change the factor
+    instead. A sample that is not resampled (probability ``1 - prob``) keeps its stored pair unchanged.
+
+    Args:
+        degrade: the task's degradation, ``(C, H, W) -> (C, H, W)`` (e.g. :class:`~.kspace.KSpaceTruncate`).
+        hq_key: the high-quality image (resampled).
+        lq_key: where the simulated low-quality image is written.
+        zoom_range: ``(min, max)`` zoom factors (output size / input size), ``0 < min <= max``.
+        prob: probability of resampling a sample.
+        min_size: smallest output side in pixels (zoom is raised to reach it).
+    """
+
+    def __init__(
+        self,
+        degrade: Callable[[torch.Tensor], Any],
+        hq_key: str = "hq",
+        lq_key: str = "lq",
+        zoom_range: Sequence[float] = (0.5, 1.5),
+        prob: float = 0.5,
+        min_size: int = 16,
+    ) -> None:
+        super().__init__(hq_key)
+        if not callable(degrade):
+            raise TypeError(f"degrade must be a callable transform, got {type(degrade).__name__}")
+        self.degrade = degrade
+        self.hq_key, self.lq_key = hq_key, lq_key
+        self.zoom_range = _range(zoom_range, "zoom_range", 0.0)
+        self.prob = _probability(prob)
+        if int(min_size) < 1:
+            raise ValueError(f"min_size must be >= 1, got {min_size!r}")
+        self.min_size = int(min_size)
+        self.zoom = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        self.zoom = _log_uniform_or_one(self.R, self.zoom_range, self.prob)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        self.randomize()
+        d = dict(data)
+        if self.zoom == 1.0:
+            return d
+        hq = _resampled(_as_tensor(d[self.hq_key]), self.zoom, self.min_size, f"RandPixelSizedResimulated: {self.hq_key!r}")
+        d[self.hq_key] = hq
+        d[self.lq_key] = _as_tensor(self.degrade(hq)).to(hq.dtype)
+        return d
+
+
+def _resampled(img: torch.Tensor, zoom: float, min_size: int, what: str) -> torch.Tensor:
+    """A ``(C, H, W)`` image resampled by ``zoom`` (bilinear, anti-aliased; no side below ``min_size``)."""
+    if img.ndim != 3:
+        raise ValueError(f"{what} must be a (C, H, W) image, got shape {tuple(img.shape)}")
+    size = [max(min_size, round(s * zoom)) for s in img.shape[1:]]
+    return F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 class ScaleToReference(Transform):

@@ -18,10 +18,16 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from medir_monai.transforms import RandDoseScaled, RandForTasksd, RandIntensityScaled, RandPixelSized
+from medir_monai.transforms import (
+    RandDoseScaled,
+    RandForTasksd,
+    RandIntensityScaled,
+    RandPixelSized,
+    RandPixelSizedResimulated,
+)
 
 from ..tasks import PAPER_PATCH_SIZE, get_task
-from .dataset import restoration_dataset
+from .dataset import degradation_for, restoration_dataset
 from .demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 from .io import DataError, is_image_file
 from .layout import load_datalist, scan_authors_layout
@@ -105,9 +111,11 @@ def robust_augmentations(
             without changing its counts, so a scaled pair is another patient's valid pair.
         zoom_range: pixel-size factors (:class:`~medir_monai.transforms.RandPixelSized`).
         zoom_prob: probability of resampling a sample.
-        zoom_tasks: the tasks resampled. Not MRI by default: its degradation is defined on the acquired grid (k-space
-            truncated to a quarter of *its* bandwidth), so a resampled pair would be a 2x or 6x problem instead of 4x;
-            CT noise and PET resolution do change with the pixel size of another scanner.
+        zoom_tasks: the tasks resampled. CT and PET pairs are resampled together (noise and resolution do change
+            with another scanner's pixel size). A task whose degradation is defined on the acquired grid (MRI: k-space
+            truncated to a quarter of *its* bandwidth; a resampled pair would be a 2x or 6x problem) has its HQ
+            resampled and its LQ simulated again with the registry's degradation
+            (:class:`~medir_monai.transforms.RandPixelSizedResimulated`); not in the default list.
     """
     steps: list = []
     for task, option, dose_range, noise_model in (
@@ -127,8 +135,14 @@ def robust_augmentations(
             steps.append(RandForTasksd(scale, tasks=[task]))
     if zoom_range is not None:
         with _naming("zoom_range / zoom_prob / zoom_tasks"):
-            zoom = RandForTasksd(RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob), tasks=zoom_tasks)
-        steps.append(zoom)
+            tasks = [get_task(t) for t in zoom_tasks]
+            pair_tasks = [t.name for t in tasks if not t.degradation_on_grid]
+            if pair_tasks:
+                pairs = RandPixelSized(("lq", "hq"), zoom_range=zoom_range, prob=zoom_prob)
+                steps.append(RandForTasksd(pairs, tasks=pair_tasks))
+            for task in (t.name for t in tasks if t.degradation_on_grid):
+                resimulated = RandPixelSizedResimulated(degradation_for(task), zoom_range=zoom_range, prob=zoom_prob)
+                steps.append(RandForTasksd(resimulated, tasks=[task]))
     return steps
 
 
