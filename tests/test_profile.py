@@ -58,6 +58,19 @@ def test_profile_ranges_and_their_widening_by_robust_training(ct_items):
     json.dumps(wide)  # stored in checkpoints: plain JSON-able values
 
 
+def test_mri_grid_is_widened_only_when_the_zoom_option_names_mri(tmp_path):
+    yy, xx = np.mgrid[:64, :64] / 64 - 0.5
+    head = np.where(yy**2 + xx**2 < 0.35**2, 800.0, 0.0).astype(np.float32)
+    hq, lq = (_write(tmp_path / f"{name}.nii.gz", head, 1.0) for name in ("hq", "lq"))
+    items = [{"task": "mri_sr", "hq": hq, "lq": lq}]
+    zoom = {"zoom_range": [0.5, 1.25]}
+    default = profile_items(items, robust=zoom)["tasks"]["mri_sr"]
+    assert default["grid"] == [64.0, 64.0] and default["pixel_size_mm"] == pytest.approx([1.0, 1.0])
+    named = profile_items(items, robust={**zoom, "zoom_tasks": ["ct_denoise", "mri_sr"]})["tasks"]["mri_sr"]
+    assert named["grid"] == pytest.approx([32.0, 80.0])
+    assert named["pixel_size_mm"] == pytest.approx([1.0 / 1.25, 1.0 / 0.5])
+
+
 def test_pet_scale_widens_intensity_and_noise_of_the_pet_profile(tmp_path):
     def pet(seed: int, noise: float) -> np.ndarray:
         yy, xx = np.mgrid[:64, :64] / 64 - 0.5
