@@ -268,7 +268,8 @@ class RandPixelSizedResimulated(Randomizable, MapTransform):
         d = dict(data)
         if self.zoom == 1.0:
             return d
-        hq = _resampled(_as_tensor(d[self.hq_key]), self.zoom, self.min_size, f"RandPixelSizedResimulated: {self.hq_key!r}")
+        what = f"RandPixelSizedResimulated: {self.hq_key!r}"
+        hq = _resampled(_as_tensor(d[self.hq_key]), self.zoom, self.min_size, what)
         d[self.hq_key] = hq
         d[self.lq_key] = _as_tensor(self.degrade(hq)).to(hq.dtype)
         return d
