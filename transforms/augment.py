@@ -222,7 +222,7 @@ class RandPixelSized(Randomizable, MapTransform):
         return d
 
 
-class RandPixelSizedResimulated(Randomizable, MapTransform):
+class RandPixelSizedResimulated(RandPixelSized):
     """Resample the HQ image by a zoom factor drawn log-uniformly in ``zoom_range`` (as :class:`RandPixelSized`)
     and simulate its LQ again with ``degrade``: another grid for a degradation defined on the acquired grid.
 
@@ -248,20 +248,11 @@ class RandPixelSizedResimulated(Randomizable, MapTransform):
         prob: float = 0.5,
         min_size: int = 16,
     ) -> None:
-        super().__init__(hq_key)
         if not callable(degrade):
             raise TypeError(f"degrade must be a callable transform, got {type(degrade).__name__}")
+        super().__init__((hq_key,), zoom_range=zoom_range, prob=prob, min_size=min_size)
         self.degrade = degrade
         self.hq_key, self.lq_key = hq_key, lq_key
-        self.zoom_range = _range(zoom_range, "zoom_range", 0.0)
-        self.prob = _probability(prob)
-        if int(min_size) < 1:
-            raise ValueError(f"min_size must be >= 1, got {min_size!r}")
-        self.min_size = int(min_size)
-        self.zoom = 1.0
-
-    def randomize(self, data: Any = None) -> None:
-        self.zoom = _log_uniform_or_one(self.R, self.zoom_range, self.prob)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         self.randomize()
