@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_ZOOM_TASKS",
     "PAPER_PATCH_SIZE",
     "Task",
     "TASKS",
@@ -31,6 +32,11 @@ __all__ = [
 PAPER_PATCH_SIZE = 128
 """Side of the square training crop of all three papers (AMIR, TAT, DiffCode: 128 x 128), the datasets' default
 crop and the default sliding window of restoration; the bundle configs set their own (``patch_size``)."""
+
+DEFAULT_ZOOM_TASKS = ("ct_denoise", "pet_synthesis")
+"""The tasks a random pixel size (the ``robust`` option ``zoom_range``) applies to when a bundle config does not name
+them (``zoom_tasks``). MRI can be named (its pairs are then simulated again on the new grid) but is not by default:
+it did not help MR sources unlike the training ones."""
 
 
 class UnknownTaskError(KeyError):

@@ -26,7 +26,7 @@ from medir_monai.transforms import (
     RandPixelSizedResimulated,
 )
 
-from ..tasks import PAPER_PATCH_SIZE, get_task
+from ..tasks import DEFAULT_ZOOM_TASKS, PAPER_PATCH_SIZE, get_task
 from .dataset import degradation_for, restoration_dataset
 from .demo import default_demo_dir, ensure_demo_dataset, extended_demo_dir
 from .io import DataError, is_image_file
@@ -90,7 +90,7 @@ def robust_augmentations(
     pet_scale_range: Sequence[float] | None = None,
     zoom_range: Sequence[float] | None = None,
     zoom_prob: float = 0.5,
-    zoom_tasks: Sequence[str] = ("ct_denoise", "pet_synthesis"),
+    zoom_tasks: Sequence[str] = DEFAULT_ZOOM_TASKS,
 ) -> list:
     """The robust-training augmentations of the bundle configs' ``robust`` block (``None`` leaves one out).
 
@@ -115,7 +115,8 @@ def robust_augmentations(
             with another scanner's pixel size). A task whose degradation is defined on the acquired grid (MRI: k-space
             truncated to a quarter of *its* bandwidth; a resampled pair would be a 2x or 6x problem) has its HQ
             resampled and its LQ simulated again with the registry's degradation
-            (:class:`~medir_monai.transforms.RandPixelSizedResimulated`); not in the default list.
+            (:class:`~medir_monai.transforms.RandPixelSizedResimulated`); not in the default list
+            (:data:`~medir_monai.tasks.DEFAULT_ZOOM_TASKS`).
     """
     steps: list = []
     for task, option, dose_range, noise_model in (

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tasks import get_task
+from ..tasks import DEFAULT_ZOOM_TASKS, get_task
 from .dataset import _cached_volume, _slice_spacing, _take_slice
 from .layout import WHOLE_FILE
 
@@ -113,7 +113,7 @@ def profile_items(
     robust = dict(robust or {})
     normalised = set(intensity_reference or {})
     zoom = tuple(robust.get("zoom_range") or (1.0, 1.0))
-    zoom_tasks = set(robust.get("zoom_tasks", ("ct_denoise", "pet_synthesis"))) if robust.get("zoom_range") else set()
+    zoom_tasks = set(robust.get("zoom_tasks", DEFAULT_ZOOM_TASKS)) if robust.get("zoom_range") else set()
     by_task: dict[str, list[Mapping]] = {}
     for item in items:
         by_task.setdefault(get_task(item["task"]).name, []).append(item)
