@@ -10,6 +10,7 @@ from medir_monai.data import restoration_dataset
 from medir_monai.restore import restore_array
 from medir_monai.transforms import (
     ForTasksd,
+    KSpaceTruncate,
     RandDoseScaled,
     RandForTasksd,
     RandIntensityScaled,
@@ -17,7 +18,6 @@ from medir_monai.transforms import (
     RandPixelSizedResimulated,
     ScaleToReference,
     ScaleToReferenced,
-    KSpaceTruncate,
     dose_noise_factor,
     simulate_low_dose_ct,
 )

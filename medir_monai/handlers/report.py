@@ -158,6 +158,8 @@ class ValidationSummaryHandler:
 
     def _repeat_last_report(self) -> None:
         """No validation ran (the command was rerun after training had finished): show the last table again."""
-        saved = Path(self.output_dir) / "validation_report.md" if self.output_dir else None
-        if saved is not None and saved.is_file():
+        if not self.output_dir:
+            return
+        saved = Path(self.output_dir) / "validation_report.md"
+        if saved.is_file():
             print(f"\nNo validation in this run; the last one ({saved}):\n\n{saved.read_text()}", flush=True)
