@@ -241,8 +241,49 @@ def test_local_converter_in_model():
     assert (a - b).abs().max().item() > 1e-6
 
 
+# -- training options outside the paper (depthwise init, Restormer-style output) -------------------------------
+def _shared_depthwise_kernels(model: TAT) -> dict[str, torch.Tensor]:
+    """The shared kernels of the attention ("attn") and feed-forward ("ffn") depthwise convs, concatenated."""
+    kernels: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
+    for name, module in model.named_modules():
+        if isinstance(module, SampleAdaptiveDepthwiseConv):
+            kernels["attn" if ".attn." in name else "ffn"].append(module.weight.detach().flatten())
+    return {target: torch.cat(weights) for target, weights in kernels.items()}
+
+
+def test_depthwise_init_authors_and_uniform():
+    """Authors: N(0, 1) attention, Kaiming fan-out (std sqrt(2 / 9)) feed-forward; uniform: +-1/3 for 3x3."""
+    torch.manual_seed(0)
+    authors = _shared_depthwise_kernels(_tiny(dim=16))
+    assert authors["attn"].std().item() == pytest.approx(1.0, rel=0.05)
+    assert authors["ffn"].std().item() == pytest.approx((2.0 / 9.0) ** 0.5, rel=0.05)
+    uniform = _shared_depthwise_kernels(_tiny(dim=16, depthwise_init="uniform"))
+    for weights in uniform.values():
+        assert weights.abs().max().item() <= 1.0 / 3.0
+        assert weights.std().item() == pytest.approx(1.0 / 3.0 / 3.0**0.5, rel=0.05)  # std of U(-b, b) = b / sqrt 3
+
+
+def test_conv_tail_replaces_the_fused_tail():
+    torch.manual_seed(0)
+    fused, conv = _tiny(), _tiny(tail="conv")
+    assert hasattr(fused, "reduce_final") and not hasattr(conv, "reduce_final")
+    assert conv.output.in_channels == 2 * 8  # the refinement's 2 * dim channels
+    fused_params = sum(p.numel() for p in fused.parameters())
+    conv_params = sum(p.numel() for p in conv.parameters())
+    # fused: conv3x3 (5 dim -> dim) + conv1x1 (dim -> dim) + conv3x3 (dim -> 1); conv: conv3x3 (2 dim -> 1)
+    assert fused_params - conv_params == 9 * 40 * 8 + 8 * 8 + 9 * 8 - 9 * 16
+    x = torch.rand(2, 1, 24, 24, requires_grad=True)
+    out = conv(x)
+    out.mean().backward()
+    assert out.shape == x.shape and conv.output.weight.grad is not None
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 def test_bad_config_and_input():
+    with pytest.raises(ValueError, match="tail"):
+        TAT(tail="restormer")
+    with pytest.raises(ValueError, match="depthwise_init"):
+        TAT(depthwise_init="normal")
     with pytest.raises(ValueError, match="dim"):
         TAT(dim=7)
     with pytest.raises(ValueError, match="heads"):

@@ -73,6 +73,8 @@ NUM_LEVELS = 4
 KERNEL_GROUPS: tuple[str, ...] = ("level1", "level2", "level3", "latent")
 #: the two depthwise convs of an adaptive block that receive generated kernels
 KERNEL_TARGETS: tuple[str, ...] = ("attn", "ffn")
+#: output heads: "fused" is the published tail, "conv" Restormer's single output conv
+TAILS: tuple[str, ...] = ("fused", "conv")
 
 #: official (authors') key names -> ours, TAT-specific part; applied before the shared block rules
 TAT_KEY_RULES: tuple[KeyRule, ...] = (
@@ -119,6 +121,12 @@ class TAT(ActivationCheckpointing, nn.Module):
         tren_res_blocks: TREN residual blocks (2).
         tren_shuffle: TREN pixel-shuffle factor (4); ``8 * dim`` must be divisible by its square.
         residual: add the input to the output (the published model does).
+        depthwise_init: init of the shared depthwise kernels of the adaptive blocks: ``"authors"`` (standard
+            normal in the attention, Kaiming fan-out in the feed-forward, as in the authors' code) or
+            ``"uniform"`` (``nn.Conv2d``'s default, the scale Restormer's depthwise kernels start from).
+        tail: ``"fused"`` (published: conv3x3 + GELU + conv1x1 over ``cat(enc1, dec1, refined)``, then the
+            output conv) or ``"conv"`` (Restormer's output: one conv3x3 on the refinement's ``2 * dim``
+            channels).
         channels_last, activation_checkpointing: see :class:`~medir_monai.networks.restormer.Restormer` (the
             TREN is not checkpointed).
     """
@@ -143,11 +151,15 @@ class TAT(ActivationCheckpointing, nn.Module):
         tren_res_blocks: int = 2,
         tren_shuffle: int = 4,
         residual: bool = True,
+        depthwise_init: str = "authors",
+        tail: str = "fused",
         channels_last: bool = True,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_config(in_channels, out_channels, dim, num_blocks, heads, residual, tren_shuffle)
+        if tail not in TAILS:
+            raise ValueError(f"TAT: tail must be one of {list(TAILS)}, got {tail!r}.")
         train_hw = _pair(train_size, "train_size")
         if local_window_ratio is not None and local_window_ratio <= 0:
             raise ValueError(f"TAT: local_window_ratio must be > 0 or None, got {local_window_ratio}.")
@@ -189,6 +201,7 @@ class TAT(ActivationCheckpointing, nn.Module):
                         layer_norm_bias,
                         window(level),
                         activation_checkpointing,
+                        depthwise_init,
                     )
                     for _ in range(depth)
                 ]
@@ -213,14 +226,18 @@ class TAT(ActivationCheckpointing, nn.Module):
         self.decoder_level1 = adaptive_stage(0, widths[1], num_blocks[0], heads[0])
         self.refinement = adaptive_stage(0, widths[1], num_refinement_blocks, heads[0])
 
-        # fused tail over cat(enc1 (dim), dec1 (2 dim), refined (2 dim)) = 5 dim channels
-        tail_in = widths[0] + 2 * widths[1]
-        self.reduce_final = nn.Sequential(
-            nn.Conv2d(tail_in, dim, kernel_size=3, padding=1, bias=bias),
-            nn.GELU(),
-            nn.Conv2d(dim, dim, kernel_size=1, bias=bias),
-        )
-        self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
+        self.tail = tail
+        if tail == "fused":
+            # fused tail over cat(enc1 (dim), dec1 (2 dim), refined (2 dim)) = 5 dim channels
+            tail_in = widths[0] + 2 * widths[1]
+            self.reduce_final = nn.Sequential(
+                nn.Conv2d(tail_in, dim, kernel_size=3, padding=1, bias=bias),
+                nn.GELU(),
+                nn.Conv2d(dim, dim, kernel_size=1, bias=bias),
+            )
+            self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
+        else:
+            self.output = nn.Conv2d(widths[1], out_channels, kernel_size=3, padding=1, bias=bias)
 
         # depthwise channels per kernel group: level 1 (decoder + refinement) runs at 2 * dim like level 2
         group_width = {"level1": widths[1], "level2": widths[1], "level3": widths[2], "latent": widths[3]}
@@ -251,6 +268,8 @@ class TAT(ActivationCheckpointing, nn.Module):
         dec1 = self.decoder_level1(dec1, kernels["level1_attn"], kernels["level1_ffn"])
         refined = self.refinement(dec1, kernels["level1_attn"], kernels["level1_ffn"])
 
+        if self.tail == "conv":
+            return self.output(refined)
         return self.output(self.reduce_final(torch.cat([enc1, dec1, refined], dim=1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,10 @@ from .blocks import (
 from .tat_local import local_converter
 
 
+#: ``depthwise_init`` of an adaptive block -> inits of its (attention, feed-forward) shared depthwise kernels
+DEPTHWISE_INITS: dict[str, tuple[str, str]] = {"authors": ("normal", "kaiming"), "uniform": ("uniform", "uniform")}
+
+
 class SampleAdaptiveDepthwiseConv(nn.Module):
     """Depthwise ``k x k`` conv with one kernel per sample: ``W_b = W_shared + lambda * W_generated(b)``.
 
@@ -29,8 +33,9 @@ class SampleAdaptiveDepthwiseConv(nn.Module):
     Args:
         channels: C.
         kernel_size: k (odd; "same" padding).
-        init: ``"normal"`` (standard normal, the authors' init of the attention kernel) or ``"kaiming"``
-            (Kaiming normal, fan-out, ReLU gain, the authors' init of the feed-forward kernel).
+        init: ``"normal"`` (standard normal, the authors' init of the attention kernel), ``"kaiming"``
+            (Kaiming normal, fan-out, ReLU gain, the authors' init of the feed-forward kernel) or ``"uniform"``
+            (uniform in ``+-1/k``, what ``nn.Conv2d`` draws for a depthwise ``k x k`` kernel, as in Restormer).
 
     Shapes: ``forward(x (B, C, H, W), generated (B, C, 1, k, k) or (B, C*k*k)) -> (B, C, H, W)``.
     """
@@ -48,8 +53,13 @@ class SampleAdaptiveDepthwiseConv(nn.Module):
             nn.init.normal_(self.weight)
         elif init == "kaiming":
             nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        elif init == "uniform":
+            # nn.Conv2d's default (Kaiming uniform, a = sqrt(5)) for fan-in k * k: bound 1 / k
+            nn.init.uniform_(self.weight, -1.0 / kernel_size, 1.0 / kernel_size)
         else:
-            raise ValueError(f"SampleAdaptiveDepthwiseConv: init must be 'normal' or 'kaiming', got {init!r}.")
+            raise ValueError(
+                f"SampleAdaptiveDepthwiseConv: init must be 'normal', 'kaiming' or 'uniform', got {init!r}."
+            )
 
     def kernel(self, generated: torch.Tensor, batch: int) -> torch.Tensor:
         """The per-sample kernels ``W_shared + lambda * W_generated``, ``(B, C, 1, k, k)``."""
@@ -115,15 +125,24 @@ class AdaptiveChannelAttention(nn.Module):
         num_heads: attention heads (divide C).
         bias: bias of the 1x1 convs.
         window: local-converter window ``(height, width)`` or None.
+        depthwise_init: init of the shared qkv depthwise kernel (``"normal"`` in the authors' code; see
+            :class:`SampleAdaptiveDepthwiseConv`).
     """
 
-    def __init__(self, dim: int, num_heads: int, bias: bool, window: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        bias: bool,
+        window: tuple[int, int] | None = None,
+        depthwise_init: str = "normal",
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.window = window
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = _pointwise(dim, dim * 3, bias)
-        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(dim * 3, init="normal")
+        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(dim * 3, init=depthwise_init)
         self.project_out = _pointwise(dim, dim, bias)
 
     def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -136,14 +155,15 @@ class AdaptiveGatedFeedForward(nn.Module):
     """GDFN (Restormer Eq. 2) whose depthwise conv takes sample-specific kernels (TAT Sec. 2.2).
 
     ``project_out(GELU(x1) * x2)`` with ``(x1, x2) = dwconv(project_in(x))``; hidden width
-    ``int(dim * ffn_expansion_factor)``, the generated kernels cover its ``2x``.
+    ``int(dim * ffn_expansion_factor)``, the generated kernels cover its ``2x``; ``depthwise_init`` initialises
+    the shared depthwise kernel (``"kaiming"`` in the authors' code; see :class:`SampleAdaptiveDepthwiseConv`).
     """
 
-    def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool) -> None:
+    def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool, depthwise_init: str = "kaiming") -> None:
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
         self.project_in = _pointwise(dim, hidden * 2, bias)
-        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(hidden * 2, init="kaiming")
+        self.dynamic_dwconv = SampleAdaptiveDepthwiseConv(hidden * 2, init=depthwise_init)
         self.project_out = _pointwise(hidden, dim, bias)
 
     def forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -159,6 +179,8 @@ class AdaptiveTransformerBlock(CheckpointedBlock):
 
     ``forward(x, attn_kernel, ffn_kernel)``: kernels ``(B, 3C, 1, 3, 3)`` and ``(B, 2*hidden, 1, 3, 3)``.
     ``activation_checkpointing`` as for :class:`~medir_monai.networks.blocks.TransformerBlock`.
+    ``depthwise_init``: ``"authors"`` (standard normal for the attention's shared depthwise kernel, Kaiming
+    fan-out for the feed-forward's, as in the authors' code) or ``"uniform"`` (both as ``nn.Conv2d`` draws them).
     """
 
     def __init__(
@@ -170,14 +192,21 @@ class AdaptiveTransformerBlock(CheckpointedBlock):
         layer_norm_bias: bool = True,
         window: tuple[int, int] | None = None,
         activation_checkpointing: bool = False,
+        depthwise_init: str = "authors",
     ) -> None:
         super().__init__(activation_checkpointing)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"AdaptiveTransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
+        if depthwise_init not in DEPTHWISE_INITS:
+            raise ValueError(
+                f"AdaptiveTransformerBlock: depthwise_init must be one of {sorted(DEPTHWISE_INITS)}, "
+                f"got {depthwise_init!r}."
+            )
+        attn_init, ffn_init = DEPTHWISE_INITS[depthwise_init]
         self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
-        self.attn = AdaptiveChannelAttention(dim, num_heads, bias, window)
+        self.attn = AdaptiveChannelAttention(dim, num_heads, bias, window, attn_init)
         self.norm2 = ChannelLayerNorm(dim, bias=layer_norm_bias)
-        self.ffn = AdaptiveGatedFeedForward(dim, ffn_expansion_factor, bias)
+        self.ffn = AdaptiveGatedFeedForward(dim, ffn_expansion_factor, bias, ffn_init)
 
     def _forward(  # type: ignore[override]
         self, x: torch.Tensor, attn_kernel: torch.Tensor, ffn_kernel: torch.Tensor
