@@ -282,7 +282,7 @@ def test_conv_tail_replaces_the_fused_tail():
 def test_bad_config_and_input():
     with pytest.raises(ValueError, match="tail"):
         TAT(tail="restormer")
-    with pytest.raises(ValueError, match="depthwise_init"):
+    with pytest.raises(ValueError, match="TAT: depthwise_init"):
         TAT(depthwise_init="normal")
     with pytest.raises(ValueError, match="dim"):
         TAT(dim=7)
