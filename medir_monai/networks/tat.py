@@ -46,10 +46,10 @@ from .blocks import (
 from .official import KeyRule, rename_state_dict
 from .restormer import check_backbone_config
 from .tat_adaptive import (
-    DEPTHWISE_INITS,
     AdaptiveStage,
     AdaptiveTransformerBlock,
     SampleAdaptiveDepthwiseConv,
+    depthwise_inits,
     per_sample_depthwise_conv,
 )
 from .tat_local import LocalConverterTransformerBlock, local_converter, local_window_starts, window_at_level
@@ -161,8 +161,7 @@ class TAT(ActivationCheckpointing, nn.Module):
         _check_config(in_channels, out_channels, dim, num_blocks, heads, residual, tren_shuffle)
         if tail not in TAILS:
             raise ValueError(f"TAT: tail must be one of {list(TAILS)}, got {tail!r}.")
-        if depthwise_init not in DEPTHWISE_INITS:
-            raise ValueError(f"TAT: depthwise_init must be one of {list(DEPTHWISE_INITS)}, got {depthwise_init!r}.")
+        depthwise_inits(depthwise_init, "TAT")  # checked here so the error names the model, not a block
         train_hw = _pair(train_size, "train_size")
         if local_window_ratio is not None and local_window_ratio <= 0:
             raise ValueError(f"TAT: local_window_ratio must be > 0 or None, got {local_window_ratio}.")

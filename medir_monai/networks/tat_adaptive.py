@@ -24,6 +24,13 @@ from .tat_local import local_converter
 DEPTHWISE_INITS: dict[str, tuple[str, str]] = {"authors": ("normal", "kaiming"), "uniform": ("uniform", "uniform")}
 
 
+def depthwise_inits(depthwise_init: str, owner: str) -> tuple[str, str]:
+    """The (attention, feed-forward) inits of ``depthwise_init``; a ValueError naming ``owner`` for an unknown one."""
+    if depthwise_init not in DEPTHWISE_INITS:
+        raise ValueError(f"{owner}: depthwise_init must be one of {list(DEPTHWISE_INITS)}, got {depthwise_init!r}.")
+    return DEPTHWISE_INITS[depthwise_init]
+
+
 class SampleAdaptiveDepthwiseConv(nn.Module):
     """Depthwise ``k x k`` conv with one kernel per sample: ``W_b = W_shared + lambda * W_generated(b)``.
 
@@ -197,12 +204,7 @@ class AdaptiveTransformerBlock(CheckpointedBlock):
         super().__init__(activation_checkpointing)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"AdaptiveTransformerBlock: num_heads={num_heads} must be >= 1 and divide dim={dim}.")
-        if depthwise_init not in DEPTHWISE_INITS:
-            raise ValueError(
-                f"AdaptiveTransformerBlock: depthwise_init must be one of {sorted(DEPTHWISE_INITS)}, "
-                f"got {depthwise_init!r}."
-            )
-        attn_init, ffn_init = DEPTHWISE_INITS[depthwise_init]
+        attn_init, ffn_init = depthwise_inits(depthwise_init, "AdaptiveTransformerBlock")
         self.norm1 = ChannelLayerNorm(dim, bias=layer_norm_bias)
         self.attn = AdaptiveChannelAttention(dim, num_heads, bias, window, attn_init)
         self.norm2 = ChannelLayerNorm(dim, bias=layer_norm_bias)
