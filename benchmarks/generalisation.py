@@ -4,9 +4,10 @@ For each fold, the demo corpus's sources (subjects / volumes / scanners, see the
 split into *left out* (one source per task, or two MRI sources) and *training* (all the others); a small model
 is trained with a bundle's training config on the training sources only (validation only once, at the end, on
 the left-out sources: no model selection on them), then every left-out LQ slice is restored with the bundle's
-restore path (:func:`medir_monai.restore.restore_array`, per-scan normalisation and the config's safeguard
-included; the last column is the same network without the safeguard) and compared with its HQ. Prints LQ vs restored per task and per left-out source, paper convention (PSNR / SSIM / RMSE in physical
-units, eval window) and MONAI's PSNR / SSIM.
+restore path (:func:`medir_monai.restore.restore_array`, per-scan normalisation, the config's safeguard and flip
+ensemble setting included; the last two columns are the same network without the safeguard, and with the other
+flip ensemble setting) and compared with its HQ. Prints LQ vs restored per task and per left-out source, paper
+convention (PSNR / SSIM / RMSE in physical units, eval window) and MONAI's PSNR / SSIM.
 
     python benchmarks/generalisation.py                       # AMIR quick config, all folds
     python benchmarks/generalisation.py --folds 0 --iterations 300
@@ -94,37 +95,41 @@ def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int
     patch = parser.get_parsed_content("patch_size")
     reference = parser.get_parsed_content("intensity_reference")
     guard = RestorationSafeguard(parser.get_parsed_content("safeguard"))
-    rows = {"lq": [], "restored": [], "unguarded": []}
+    ensemble = bool(parser.get_parsed_content("flip_ensemble"))
+    rows = {"lq": [], "restored": [], "unguarded": [], "other_ensemble": []}
     items = source["items"]
     if max_slices is not None and len(items) > max_slices:
         items = [items[i] for i in np.linspace(0, len(items) - 1, max_slices).round().astype(int)]
     for item in items:
         lq = load_image(item["lq"], ndim=(2,)).as_tensor().float()
         hq = load_image(item["hq"], ndim=(2,)).as_tensor().float()
-        unguarded = restore_array(network, lq, task, roi_size=patch, overlap=0.25, sw_batch_size=1,
-                                  progress=False, intensity_reference=reference)
+        options = dict(roi_size=patch, overlap=0.25, sw_batch_size=1, progress=False, intensity_reference=reference)
+        unguarded = restore_array(network, lq, task, flip_ensemble=ensemble, **options)
         restored = guard(lq, unguarded, task) if guard else unguarded  # what restore_array(safeguard=...) returns
-        for key, image in (("lq", lq), ("restored", restored), ("unguarded", unguarded)):
+        other = restore_array(network, lq, task, flip_ensemble=not ensemble, safeguard=guard, **options)
+        for key, image in (("lq", lq), ("restored", restored), ("unguarded", unguarded), ("other_ensemble", other)):
             m = paper_metrics(image[None], hq[None], task, normalised=False)
             m.update(monai_metrics(image[None], hq[None], task, normalised=False))
             rows[key].append({k: float(v[0]) for k, v in m.items()})
     means = {key: {k: float(np.mean([r[k] for r in vals])) for k in vals[0]} for key, vals in rows.items()}
-    return {**means, "slices": len(items)}
+    return {**means, "slices": len(items), "flip_ensemble": ensemble}
 
 
 def table(results: list[dict]) -> str:
     lines = [
         "| fold | task | left-out source | slices | LQ PSNR | restored PSNR | LQ SSIM | restored SSIM | LQ RMSE | restored RMSE "
-        "| LQ MONAI PSNR | restored MONAI PSNR | better? | without safeguard: PSNR / SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| LQ MONAI PSNR | restored MONAI PSNR | better? | without safeguard: PSNR / SSIM "
+        f"| flip ensemble {'off' if results and results[0]['flip_ensemble'] else 'on'}: PSNR / SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lq, rs, raw = r["lq"], r["restored"], r["unguarded"]
+        lq, rs, raw, other = r["lq"], r["restored"], r["unguarded"], r["other_ensemble"]
         better = "yes" if rs["psnr"] > lq["psnr"] and rs["ssim"] > lq["ssim"] else "**no**"
         lines.append(
             f"| {r['fold']} | {r['task']} | {r['source']} | {r['slices']} | {lq['psnr']:.2f} | {rs['psnr']:.2f} "
             f"| {lq['ssim']:.4f} | {rs['ssim']:.4f} | {lq['rmse']:.4g} | {rs['rmse']:.4g} "
-            f"| {lq['monai_psnr']:.2f} | {rs['monai_psnr']:.2f} | {better} | {raw['psnr']:.2f} / {raw['ssim']:.4f} |"
+            f"| {lq['monai_psnr']:.2f} | {rs['monai_psnr']:.2f} | {better} | {raw['psnr']:.2f} / {raw['ssim']:.4f} "
+            f"| {other['psnr']:.2f} / {other['ssim']:.4f} |"
         )
     return "\n".join(lines)
 

@@ -208,6 +208,8 @@ def _run_restore(args: argparse.Namespace) -> int:
     parser["task"] = args.task  # None: from the DICOM Modality tag
     if args.no_safeguard:
         parser["safeguard"] = None
+    if args.flip_ensemble is not None:  # None: the config's setting
+        parser["flip_ensemble"] = args.flip_ensemble
     if args.checkpoint:
         parser["ckpt_path"] = str(Path(args.checkpoint).expanduser())
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
@@ -262,6 +264,9 @@ def _add_restore(subparsers: argparse._SubParsersAction) -> None:
                    "of warning")
     p.add_argument("--no-safeguard", action="store_true",
                    help="write the network output as it is, without the config's consistency safeguard")
+    p.add_argument("--flip-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="restore each slice and its three mirror images and average them (4x the time); default: "
+                   "the config's flip_ensemble")
     p.set_defaults(func=_run_restore)
 
 

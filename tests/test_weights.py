@@ -110,7 +110,8 @@ def test_pretrained_config_loads_the_shipped_network(name):
         torch.testing.assert_close(value, shipped["model"][key].to(value.dtype), rtol=0, atol=0)
     assert info["training_profile"] == shipped["training_profile"]
     config = json.loads(pretrained_config(name).read_text())
-    assert info["settings"] == {"intensity_reference": config["intensity_reference"], "safeguard": config["safeguard"]}
+    assert info["settings"] == {key: config[key] for key in ("intensity_reference", "safeguard", "flip_ensemble")}
+    assert info["settings"]["flip_ensemble"] is True  # the restoration the cards measure
 
 
 @pytest.mark.parametrize("name", SHIPPED)

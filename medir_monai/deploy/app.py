@@ -124,7 +124,7 @@ class SeriesToScanOperator(Operator):
 
 class RestoreOperator(Operator):
     """Restore every scan with the model (sliding window, roi = the model's roi) in its task's physical units,
-    with the model's restoration settings (intensity reference, safeguard), as ``medir restore`` does.
+    with the model's restoration settings (intensity reference, safeguard, flip ensemble), as ``medir restore`` does.
 
     Each scan first goes through the input guard (:func:`~medir_monai.deploy.models.check_input`): a scan outside
     the weights' training profile is still restored, with one warning in the log naming the numbers (kept in

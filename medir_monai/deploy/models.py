@@ -5,9 +5,9 @@ The MONAI Deploy application and the MONAI Label app both take one ``--model`` p
 a callable network ``(B, 1, H, W) -> (B, 1, H, W)`` in model space ``[0, 1]``, a name to write into the outputs,
 the sliding-window roi (the traced size for exports, the bundle's ``patch_size`` otherwise), whether the
 network only accepts that size (see :func:`medir_monai.deploy.export.size_dependence`), the bundle's restoration
-settings (``intensity_reference``, ``safeguard``: what ``medir restore`` applies around the network) and the
-training profile of its weights (the input guard, :func:`check_input`). An export from a bundle carries the last
-two in its metadata, so a deployed file restores and warns as ``medir restore`` does.
+settings (``intensity_reference``, ``safeguard``, ``flip_ensemble``: what ``medir restore`` applies around the
+network) and the training profile of its weights (the input guard, :func:`check_input`). An export from a bundle
+carries the last two in its metadata, so a deployed file restores and warns as ``medir restore`` does.
 
 Example::
 
@@ -102,7 +102,7 @@ class RestorationModel:
         fixed_size: the network only accepts ``roi_size`` inputs (a traced TAT).
         source: the path it was loaded from.
         settings: keyword arguments of :func:`~medir_monai.restore.restore_array` that belong to the model
-            (``intensity_reference``, ``safeguard``; empty for an export made without a bundle).
+            (``intensity_reference``, ``safeguard``, ``flip_ensemble``; empty for an export made without a bundle).
         training_profile: what the weights' training data looked like (:mod:`medir_monai.data.profile`);
             ``None`` when the weights record none (no input guard).
     """
@@ -117,7 +117,7 @@ class RestorationModel:
     training_profile: dict[str, Any] | None = None
 
 
-SETTING_KEYS = ("intensity_reference", "safeguard")
+SETTING_KEYS = ("intensity_reference", "safeguard", "flip_ensemble")
 """Bundle config entries that :func:`~medir_monai.restore.restore_array` applies around the network."""
 
 

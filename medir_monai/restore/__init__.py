@@ -9,7 +9,8 @@ Pipeline of :func:`restore_file`::
     read (NIfTI: nibabel; DICOM file / series folder: pydicom; other ITK formats: MONAI ITKReader)
       -> physical units (CT in HU, PET in SUV, MRI raw intensity)
       -> per slice along the acquisition axis: task.normalise (clip to norm_range, min-max to [0, 1])
-         -> monai SlidingWindowInferer (roi = training patch, gaussian blending) -> clip to [0, 1]
+         -> monai SlidingWindowInferer (roi = training patch, gaussian blending; with flip_ensemble on the slice
+            and its three mirror images, averaged) -> clip to [0, 1]
          -> task.denormalise
       -> write like the input: NIfTI with the input affine and header (float32, physical units), or a NEW
          DICOM series (new UIDs, DERIVED\\SECONDARY, integer pixels with RescaleSlope / RescaleIntercept).
@@ -52,7 +53,14 @@ from .scans import (
     slice_order,
     task_unit_factor,
 )
-from .window import DEFAULT_OVERLAP, DEFAULT_ROI_SIZE, DEFAULT_SW_BATCH_SIZE, restore_array
+from .window import (
+    DEFAULT_OVERLAP,
+    DEFAULT_ROI_SIZE,
+    DEFAULT_SW_BATCH_SIZE,
+    FLIP_VIEWS,
+    FlipEnsembleInferer,
+    restore_array,
+)
 from .writers import DERIVED_SERIES_OFFSET, SERIES_DESCRIPTION_TEMPLATE, derived_series_number, write_scan
 
 __all__ = [
@@ -64,6 +72,8 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_ROI_SIZE",
     "DEFAULT_SW_BATCH_SIZE",
+    "FLIP_VIEWS",
+    "FlipEnsembleInferer",
     "DERIVED_SERIES_OFFSET",
     "SERIES_DESCRIPTION_TEMPLATE",
     "restore_array",

@@ -70,8 +70,8 @@ class ScanInferer(Inferer):
     """MONAI inferer restoring a whole scan in physical units slice by slice (see :func:`restore_array`).
 
     Args:
-        roi_size, overlap, sw_batch_size, mode, sw_device, device, progress, intensity_reference, safeguard:
-            :func:`restore_array` options.
+        roi_size, overlap, sw_batch_size, mode, sw_device, device, progress, intensity_reference, safeguard,
+        flip_ensemble: :func:`restore_array` options.
         axis: plane axis for every scan; ``None`` (default): each scan's own (:func:`scan_slice_axis`, passed by
             :func:`prepare_scan_batch`).
     """
@@ -81,12 +81,12 @@ class ScanInferer(Inferer):
                  mode: str = "gaussian", sw_device: Any = None, device: Any = None, axis: int | None = None,
                  progress: bool = True,
                  intensity_reference: Mapping[str, Mapping] | None = None,
-                 safeguard: Mapping[str, Mapping] | None = None):
+                 safeguard: Mapping[str, Mapping] | None = None, flip_ensemble: bool = False):
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
                            sw_device=sw_device, device=device, axis=axis, progress=progress,
                            intensity_reference=intensity_reference,
-                           safeguard=RestorationSafeguard(safeguard))
+                           safeguard=RestorationSafeguard(safeguard), flip_ensemble=bool(flip_ensemble))
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, task: str | Task = "",
                  axis: int = -1, **kwargs: Any):

@@ -3,7 +3,9 @@
 :func:`restore_array` is where the task enters: each slice is normalised with the task's range (docs/design.md,
 section 2), optionally scaled to the training intensity reference first, restored window by window, clipped to
 the trained range, de-normalised and, when the bundle asks for it, passed through a consistency safeguard
-(:mod:`medir_monai.safeguard`). Everything before (reading) and after (writing) lives in the sibling modules.
+(:mod:`medir_monai.safeguard`). With ``flip_ensemble`` each slice is restored as it is and mirrored three ways
+(:class:`FlipEnsembleInferer`) and the four outputs are averaged. Everything before (reading) and after (writing)
+lives in the sibling modules.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from medir_monai.safeguard import RestorationSafeguard
@@ -27,6 +29,48 @@ DEFAULT_OVERLAP = 0.25
 """Sliding-window overlap of every restoration path (``medir restore``, the bundles, the Deploy and Label apps)."""
 DEFAULT_SW_BATCH_SIZE = 4
 """Windows per network call."""
+FLIP_VIEWS = ((), (-1,), (-2,), (-2, -1))
+"""The flip ensemble's views of a slice, as the spatial dims to mirror: as it is, left-right, up-down, both."""
+
+
+class FlipEnsembleInferer(Inferer):
+    """Test-time flip ensemble around another inferer: the mean of its outputs on mirrored copies of the input,
+    each mirrored back (the "self-ensemble" of image restoration; docs/design.md, section 9).
+
+    The degradations (k-space truncation, CT and PET noise) are the same in a mirrored image, so every view is a
+    valid input; averaging them cancels what the network does differently per orientation. It costs one
+    inference per view.
+
+    Args:
+        inferer: the inferer run on each view (the bundles' ``SlidingWindowInferer``).
+        views: the spatial dims to mirror per view (``()``: the input as it is); default :data:`FLIP_VIEWS`.
+        enabled: ``False`` calls ``inferer`` once, unchanged (so a bundle config can switch the ensemble).
+
+    Raises:
+        ValueError: no views, or a view naming a dim other than the last two (the image plane).
+    """
+
+    def __init__(self, inferer: Inferer, views: Sequence[Sequence[int]] = FLIP_VIEWS, enabled: bool = True) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.views = tuple(tuple(int(d) for d in view) for view in views)
+        if not self.views:
+            raise ValueError("FlipEnsembleInferer needs at least one view")
+        for view in self.views:
+            if any(d not in (-1, -2) for d in view):
+                raise ValueError(f"flip views mirror the image plane, dims -2 / -1; got {view!r}")
+        self.enabled = bool(enabled)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.enabled:
+            return self.inferer(inputs, network, *args, **kwargs)
+        total = None
+        for view in self.views:  # inputs: (B, C, H, W)
+            mirrored = torch.flip(inputs, view) if view else inputs
+            out = self.inferer(mirrored, network, *args, **kwargs)
+            out = torch.flip(out, view) if view else out
+            total = out if total is None else total + out
+        return total / len(self.views)
 
 
 def _module_device(network: Callable) -> torch.device:
@@ -86,6 +130,7 @@ def restore_array(
     clip: bool = True,
     intensity_reference: Mapping[str, Mapping] | None = None,
     safeguard: Mapping[str, Mapping] | RestorationSafeguard | None = None,
+    flip_ensemble: bool = False,
     **inferer_kwargs: Any,
 ) -> torch.Tensor | np.ndarray:
     """Restore a 2-D slice or a 3-D volume given in physical units, slice by slice.
@@ -117,6 +162,8 @@ def restore_array(
             bundle configs' ``intensity_reference``).
         safeguard: per task name, a :mod:`medir_monai.safeguard` setting (``{"method": "noise", ...}``) applied
             to each restored slice against its input, in physical units (the bundle configs' ``safeguard``).
+        flip_ensemble: restore each slice and its three mirror images and average the four (see
+            :class:`FlipEnsembleInferer`; the bundle configs' ``flip_ensemble``), before clipping and the safeguard.
         inferer_kwargs: further :class:`~monai.inferers.SlidingWindowInferer` arguments (``sigma_scale``,
             ``padding_mode``, ``cval``, ``buffer_steps``, ...).
 
@@ -141,7 +188,7 @@ def restore_array(
     axis = axis % x.ndim if x.ndim == 3 else 0
     planes = x[None] if x.ndim == 2 else torch.movedim(x, axis, 0)  # (S, H, W)
 
-    inferer = SlidingWindowInferer(
+    windows = SlidingWindowInferer(
         roi_size=roi,
         sw_batch_size=sw_batch_size,
         overlap=overlap,
@@ -151,6 +198,7 @@ def restore_array(
         progress=False,
         **inferer_kwargs,
     )
+    inferer = FlipEnsembleInferer(windows, enabled=flip_ensemble)
     call = _image_only(network)
     reference = (intensity_reference or {}).get(task.name)
     scaler = ScaleToReference(**reference) if reference else None
