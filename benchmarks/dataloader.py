@@ -70,7 +70,7 @@ def main() -> None:
     if args.dataset_dir:
         config["dataset_dir"] = args.dataset_dir
     config["batch_size"] = args.batch_size
-    config["val_interval"] = max(args.batches, args.steps + 1)
+    config["val_interval"] = config["epoch_length"] = max(args.batches, args.steps + 1)
     config["cache_dir"] = os.path.join(os.path.expanduser("~"), ".cache", "medir_monai", "bench_cache")
     dataset_dir = medir_monai.data.prepare_dataset_dir(config.get_parsed_content("dataset_dir"))
     if args.simulate:

@@ -80,6 +80,7 @@ def train_fold(bundle: Path, configs: list[Path], datalist: Path, work: Path, it
     parser["cache_dir"] = str(work / "cache")
     parser["max_iterations"] = iterations
     parser["val_interval"] = iterations  # one validation, at the end: nothing is selected on the left-out data
+    parser["epoch_length"] = iterations  # one epoch, as the leave-one-source-out tables were measured
     parser["val_max_per_task"] = 1  # (the figures come from evaluate_source, on the restore path)
     parser["seed"] = seed
     parser["device"] = "$torch.device('cpu')"

@@ -232,6 +232,34 @@ def test_dataset_applies_the_options(tmp_path):
     assert sample["lq"].shape == sample["hq"].shape == (1, 32, 32)
 
 
+def test_random_training_steps_run_on_plain_tensors_with_the_same_values():
+    """The random steps after the cache run without MONAI's metadata tracking: plain tensors out, the values the
+    same steps give with tracking on (same seed), and the global tracking flag restored, also after an error."""
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import Compose, Randomizable, RandSpatialCropd, SpatialPadd
+
+    from medir_monai.data.dataset import RandWithoutMetaTracking, without_meta_tracking
+
+    def steps(untracked: bool = False):
+        plain = [RandSpatialCropd(("lq", "hq"), roi_size=(8, 8), random_size=False), RandPixelSized(zoom_range=(0.5, 1.5), prob=1.0)]
+        return Compose([without_meta_tracking(step) for step in plain] if untracked else plain)
+
+    image = MetaTensor(torch.rand(1, 24, 24), meta={"filename_or_obj": "x.nii.gz"})
+    sample = {"lq": image, "hq": image.clone(), "task": "ct_denoise"}
+    tracked = steps().set_random_state(seed=3)(dict(sample))
+    untracked = steps(untracked=True).set_random_state(seed=3)(dict(sample))
+    assert isinstance(tracked["lq"], MetaTensor)
+    assert type(untracked["lq"]) is torch.Tensor and type(untracked["hq"]) is torch.Tensor
+    assert torch.equal(untracked["lq"], tracked["lq"].as_tensor()) and torch.equal(untracked["hq"], tracked["hq"].as_tensor())
+    assert get_track_meta()
+    assert all(isinstance(step, RandWithoutMetaTracking) for step in steps(untracked=True).transforms)
+    # a step that draws nothing must not become random: a Compose would hand it a seed and shift the others' seeds
+    assert not isinstance(without_meta_tracking(SpatialPadd(("lq", "hq"), (32, 32))), Randomizable)
+    with pytest.raises(Exception):
+        steps(untracked=True)({"lq": image})  # no "hq": the crop fails
+    assert get_track_meta()
+
+
 def test_restore_with_intensity_reference_keeps_raw_values_beyond_the_range():
     """An identity network restores a raw-valued MRI above the task's range unchanged only with per-scan
     normalisation (without it, values above 4095 are clipped)."""

@@ -3,6 +3,8 @@ fast paths, per-sample depthwise convs, activation checkpointing, the MoE dispat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +187,31 @@ def test_pointwise_convolutions_as_gemms_are_the_same_model(name, monkeypatch):
         assert (grad - conv_grads[key]).abs().max() <= 1e-4 * max(1.0, float(conv_grads[key].abs().max())), key
     # left as convolutions: AMIR's instruction network (three, on 6 px maps), TAT's fused tail (one, in a Sequential)
     assert pointwise_convs[True] == {"amir": 3, "tat": 1}.get(name, 0) < pointwise_convs[False]
+
+
+@pytest.mark.parametrize(
+    "capability, vendor, as_gemm",
+    [
+        ("AVX2", "GenuineIntel", True),  # oneDNN's AVX2 1x1 conv is the slower one on Intel
+        ("DEFAULT", "GenuineIntel", True),
+        ("AVX512", "GenuineIntel", False),  # oneDNN's AVX-512 kernel wins
+        ("AVX2", "AuthenticAMD", False),  # MKL's GEMM loses to oneDNN on an AVX2-only AMD EPYC
+        ("AVX512", "AuthenticAMD", False),
+        ("AVX2", "", False),  # vendor unknown: PyTorch's own choice, the convolution
+    ],
+)
+def test_pointwise_path_is_chosen_by_kernels_and_vendor(capability, vendor, as_gemm):
+    assert blocks._gemm_is_faster_than_onednn(capability, vendor) is as_gemm
+
+
+def test_cpu_vendor_reads_the_kernels_vendor_string():
+    vendor = blocks.cpu_vendor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        assert vendor == ""
+        return
+    lines = [line for line in cpuinfo.read_text(errors="replace").splitlines() if line.startswith("vendor_id")]
+    assert vendor == (lines[0].split(":", 1)[1].strip() if lines else "")
 
 
 def test_traced_graphs_keep_the_convolution_whatever_the_cpu(monkeypatch):

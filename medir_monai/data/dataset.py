@@ -27,14 +27,16 @@ import math
 import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
+    Randomizable,
     RandSpatialCropd,
     ScaleIntensityRanged,
     SpatialPadd,
@@ -274,6 +276,44 @@ def intensity_reference_transforms(intensity_reference: Mapping[str, Mapping] | 
     return steps
 
 
+class WithoutMetaTracking(Transform):
+    """Run ``transform`` (a training step after the cache) with MONAI's metadata tracking switched off.
+
+    The random crops and augmentations need no metadata, and with tracking on every MONAI transform wraps its
+    output in a new ``MetaTensor`` and copies the metadata: most of the loader's time per batch (benchmarks/README.md,
+    the main job on slower CPUs). Outputs are plain tensors with the values the step gives with tracking on.
+    Wrap steps with :func:`without_meta_tracking`, which keeps random steps random.
+    """
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            return self.transform(data)
+        finally:
+            set_track_meta(tracking)
+
+
+class RandWithoutMetaTracking(Randomizable, WithoutMetaTracking):
+    """:class:`WithoutMetaTracking` of a random step: ``set_random_state`` seeds the wrapped step, so a ``Compose``
+    hands it the seed it would hand the step itself (the same draws as without the wrapper)."""
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        self.transform.set_random_state(seed=seed, state=state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:  # the wrapped step draws its own numbers
+        pass
+
+
+def without_meta_tracking(step: Callable) -> WithoutMetaTracking:
+    """``step`` wrapped to run without metadata tracking; random steps stay random (and seeded as before)."""
+    return RandWithoutMetaTracking(step) if isinstance(step, Randomizable) else WithoutMetaTracking(step)
+
+
 def _unwrap_all(transforms: Sequence[Callable]) -> list:
     """The transforms with task gates (:class:`~medir_monai.transforms.ForTasksd`) replaced by what they wrap."""
     return [t.transform if isinstance(t, ForTasksd) else t for t in transforms]
@@ -296,17 +336,19 @@ def restoration_transforms(
     steps += [NormaliseByTaskd(), _keep_sample_keys]
     if train:
         size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        random_steps: list = []
         if augmentations:
             # the augmentations see a random window just large enough that a zoom down to its smallest factor still
             # fills the patch, not the whole slice (a 512 x 512 CT slice costs ~20x a 128 x 128 window)
             smallest_zoom = min([min(a.zoom_range) for a in _unwrap_all(augmentations) if hasattr(a, "zoom_range")] or [1.0])
             window = tuple(math.ceil(s / min(1.0, smallest_zoom)) + 2 for s in size)
-            steps += [RandSpatialCropd(("lq", "hq"), roi_size=window, random_size=False), *augmentations]
-        steps += [
+            random_steps += [RandSpatialCropd(("lq", "hq"), roi_size=window, random_size=False), *augmentations]
+        random_steps += [
             SpatialPadd(("lq", "hq"), spatial_size=size, mode="constant", value=0.0),
             RandSpatialCropd(("lq", "hq"), roi_size=size, random_size=False),
-            EnsureTyped(("lq", "hq"), data_type="tensor", track_meta=False),
         ]
+        steps += [without_meta_tracking(step) for step in random_steps]
+        steps.append(EnsureTyped(("lq", "hq"), data_type="tensor", track_meta=False))
     return Compose(steps)
 
 

@@ -16,9 +16,10 @@ keep MONAI's parameters and maths and only re-implement the forward so that no s
 channel slices: single-head attention runs as two GEMMs on the ``(B, H*W, C)`` view of the channels-last map,
 and the feed-forward computes its two gated halves with two half-width convolutions instead of slicing one
 full-width result (a depthwise conv acts per channel, so this is the same function).
-The 1x1 convolutions go through :func:`pointwise`: where oneDNN has no AVX-512 kernels (AVX2-only CPUs), a 1x1
+The 1x1 convolutions go through :func:`pointwise`: on Intel CPUs where oneDNN has no AVX-512 kernels, a 1x1
 convolution of a channels-last map runs as one GEMM on its ``(B, H, W, C)`` view (1.2-2.5x faster there, forward
-and backward; oneDNN's own kernel is the faster one with AVX-512), see :data:`POINTWISE_AS_GEMM`.
+and backward; oneDNN's own kernel is the faster one with AVX-512, and on AVX2-only AMD CPUs), see
+:data:`POINTWISE_AS_GEMM`.
 The ``activation_checkpointing`` flag of the blocks recomputes each block's activations in the backward pass
 instead of storing them (``torch.utils.checkpoint``): less memory, one more forward per step.
 
@@ -109,14 +110,31 @@ class ChannelLayerNorm(nn.Module):
 NORMALIZE_EPS = 1e-12
 
 
-def _gemm_is_faster_than_onednn() -> bool:
-    """True where PyTorch's CPU kernels stop below AVX-512 (``torch.backends.cpu.get_cpu_capability()``; oneDNN
-    then runs its AVX2 1x1 convolution, slower than MKL's GEMM: ``benchmarks/README.md``, CPU kinds)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+def cpu_vendor() -> str:
+    """The CPU's vendor string as the kernel reports it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
+    where it cannot be read (not Linux, or no ``vendor_id`` line in ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
-#: run 1x1 convolutions of channels-last CPU maps as GEMMs (decided once from the CPU's kernels; assign
-#: ``blocks.POINTWISE_AS_GEMM`` to force either path: both compute the same function)
+def _gemm_is_faster_than_onednn(capability: str | None = None, vendor: str | None = None) -> bool:
+    """True on Intel CPUs whose PyTorch kernels stop below AVX-512 (``torch.backends.cpu.get_cpu_capability()``):
+    there oneDNN runs its AVX2 1x1 convolution, slower than MKL's GEMM. On an AVX2-only AMD EPYC oneDNN is the
+    faster one (MKL's GEMM is not tuned for it), and an unknown vendor keeps PyTorch's own choice, the
+    convolution (``benchmarks/README.md``, CPU kinds)."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    vendor = cpu_vendor() if vendor is None else vendor
+    return capability in ("AVX2", "DEFAULT") and vendor == "GenuineIntel"
+
+
+#: run 1x1 convolutions of channels-last CPU maps as GEMMs (decided once from the CPU's kernels and vendor;
+#: assign ``blocks.POINTWISE_AS_GEMM`` to force either path: both compute the same function)
 POINTWISE_AS_GEMM: bool = _gemm_is_faster_than_onednn()
 
 
