@@ -125,9 +125,9 @@ def cpu_vendor() -> str:
 
 def _gemm_is_faster_than_onednn(capability: str | None = None, vendor: str | None = None) -> bool:
     """True on Intel CPUs whose PyTorch kernels stop below AVX-512 (``torch.backends.cpu.get_cpu_capability()``):
-    there oneDNN runs its AVX2 1x1 convolution, slower than MKL's GEMM. On an AVX2-only AMD EPYC oneDNN is the
-    faster one (MKL's GEMM is not tuned for it), and an unknown vendor keeps PyTorch's own choice, the
-    convolution (``benchmarks/README.md``, CPU kinds)."""
+    there oneDNN runs its AVX2 1x1 convolution, slower than MKL's GEMM. On an AVX2-only AMD EPYC the GEMM was
+    the slower path, and an unknown vendor keeps PyTorch's own choice, the convolution (``benchmarks/README.md``,
+    CPU kinds)."""
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
     vendor = cpu_vendor() if vendor is None else vendor
     return capability in ("AVX2", "DEFAULT") and vendor == "GenuineIntel"
