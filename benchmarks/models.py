@@ -270,15 +270,10 @@ def _times(result: dict | None, impl: str) -> list[float] | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere); after torch's import."""
+    from medir_monai.networks.blocks import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def select_isa(isa: str) -> None:

@@ -38,11 +38,10 @@ def _glibc_mallopt():
         return None
     try:
         libc = ctypes.CDLL(name)
-        gnu_get_libc_version = libc.gnu_get_libc_version  # present in glibc only
+        libc.gnu_get_libc_version  # an AttributeError outside glibc
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
-    del gnu_get_libc_version
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt

@@ -110,17 +110,22 @@ class ChannelLayerNorm(nn.Module):
 NORMALIZE_EPS = 1e-12
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string as the kernel reports it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
-    where it cannot be read (not Linux, or no ``vendor_id`` line in ``/proc/cpuinfo``)."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of field ``name`` in ``/proc/cpuinfo`` (``"vendor_id"`` -> ``"GenuineIntel"``,
+    ``"model name"`` -> ``"AMD EPYC"``), or ``""`` where it cannot be read (not Linux, or no such line)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string as the kernel reports it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``."""
+    return cpuinfo_field("vendor_id")
 
 
 def _gemm_is_faster_than_onednn(capability: str | None = None, vendor: str | None = None) -> bool:
@@ -129,8 +134,9 @@ def _gemm_is_faster_than_onednn(capability: str | None = None, vendor: str | Non
     the slower path, and an unknown vendor keeps PyTorch's own choice, the convolution (``benchmarks/README.md``,
     CPU kinds)."""
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    vendor = cpu_vendor() if vendor is None else vendor
-    return capability in ("AVX2", "DEFAULT") and vendor == "GenuineIntel"
+    if capability not in ("AVX2", "DEFAULT"):
+        return False  # no need to read /proc/cpuinfo at import
+    return (cpu_vendor() if vendor is None else vendor) == "GenuineIntel"
 
 
 #: run 1x1 convolutions of channels-last CPU maps as GEMMs (decided once from the CPU's kernels and vendor;
