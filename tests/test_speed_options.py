@@ -336,3 +336,52 @@ def test_bundle_switches_reach_the_network_and_trainer(bundle):
     assert trainer["compile"] == "@compile" and trainer["compile_kwargs"] == {"dynamic": False}
     assert trainer["amp_kwargs"] == {"dtype": "@amp_dtype"}
     assert parser.get_parsed_content("amp_dtype") is torch.bfloat16
+
+
+def _optimizers(parser) -> list[torch.optim.Optimizer]:
+    names = ["optimizer"] + [f"{stage}#optimizer" for stage in ("stage1", "stage2") if stage in parser.config]
+    return [parser.get_parsed_content(name) for name in names]
+
+
+@pytest.mark.parametrize("bundle", ["restormer", "amir", "tat", "diffcode"])
+def test_fused_optimizer_switch_keeps_torch_default_unless_asked(bundle):
+    """``fused_optimizer: null`` leaves torch's choice (foreach on GPUs; an explicit ``False`` would turn that off);
+    ``true`` gives every optimiser of the bundle the fused kernel."""
+    from monai.bundle import ConfigParser
+
+    from conftest import REPO_ROOT
+
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    if bundle == "amir":
+        assert parser["fused_optimizer"] is True  # the README main job's speed setting
+    parser["fused_optimizer"] = None
+    parser.parse()
+    defaults = [opt.defaults["fused"] for opt in _optimizers(parser)]
+    assert defaults == [None] * (3 if bundle == "diffcode" else 1)
+    parser["fused_optimizer"] = True
+    parser.parse()
+    assert all(opt.defaults["fused"] is True for opt in _optimizers(parser))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_fused_adam_takes_the_same_steps_as_the_loop(optimizer):
+    torch.manual_seed(0)
+    model = AMIR(**TINY)
+    fused_model = AMIR(**TINY)
+    fused_model.load_state_dict(model.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    plain = optimizer(model.parameters(), lr=5e-4, weight_decay=1e-4)
+    fused = optimizer(fused_model.parameters(), lr=5e-4, weight_decay=1e-4, fused=True)
+    for step in range(3):
+        x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, plain), (fused_model, fused)):
+            opt.zero_grad()
+            torch.manual_seed(step)  # the same routing noise for both
+            out = net(x)
+            (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), fused_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    assert sum(not torch.equal(a, a0) for a, a0 in zip(model.parameters(), start)) > len(start) // 2  # they moved
