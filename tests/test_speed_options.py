@@ -318,8 +318,8 @@ def test_every_convolution_sees_channels_last_features(name, training, monkeypat
     assert body and all(body), [shape for shape, ok in layouts if not ok]
 
 
-@pytest.mark.parametrize("bundle", ["restormer", "amir", "tat"])
-def test_bundle_switches_reach_the_network_and_trainer(bundle):
+def _quick_parser(bundle: str):
+    """A parser of the bundle's ``train.json`` with its ``quick.json`` merged over it."""
     from monai.bundle import ConfigParser
 
     from conftest import REPO_ROOT
@@ -327,6 +327,12 @@ def test_bundle_switches_reach_the_network_and_trainer(bundle):
     configs = REPO_ROOT / "bundles" / bundle / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    return parser
+
+
+@pytest.mark.parametrize("bundle", ["restormer", "amir", "tat"])
+def test_bundle_switches_reach_the_network_and_trainer(bundle):
+    parser = _quick_parser(bundle)
     assert parser["channels_last"] is True and parser["activation_checkpointing"] is False  # the defaults
     parser["activation_checkpointing"] = True
     parser["channels_last"] = False
@@ -347,13 +353,7 @@ def _optimizers(parser) -> list[torch.optim.Optimizer]:
 def test_fused_optimizer_switch_keeps_torch_default_unless_asked(bundle):
     """``fused_optimizer: null`` leaves torch's choice (foreach on GPUs; an explicit ``False`` would turn that off);
     ``true`` gives every optimiser of the bundle the fused kernel."""
-    from monai.bundle import ConfigParser
-
-    from conftest import REPO_ROOT
-
-    configs = REPO_ROOT / "bundles" / bundle / "configs"
-    parser = ConfigParser()
-    parser.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    parser = _quick_parser(bundle)
     if bundle == "amir":
         assert parser["fused_optimizer"] is True  # the README main job's speed setting
     parser["fused_optimizer"] = None
