@@ -12,6 +12,12 @@ convention (PSNR / SSIM / RMSE in physical units, eval window) and MONAI's PSNR 
     python benchmarks/generalisation.py                       # AMIR quick config, all folds
     python benchmarks/generalisation.py --folds 0 --iterations 300
     python benchmarks/generalisation.py --bundle bundles/restormer --config bundles/restormer/configs/quick.json
+    python benchmarks/generalisation.py --models-dir loso_models   # keep each fold's network; a rerun restores only
+
+``--models-dir`` saves every fold's trained network (``fold<N>.pt`` and ``fold<N>.json``: left-out sources,
+iterations, seed); a later run with the same folder, fold split, iterations and seed loads it instead of training
+again, so restore-time options (``safeguard``, ``flip_ensemble``) can be compared on the same networks. The
+folder does not record the training options: empty it after changing one.
 
 Never part of the test suite's pass/fail (``tests/test_generalisation.py`` is the slow test that asserts one fold).
 """
@@ -32,6 +38,7 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 
+from medir_monai.atomic import atomic_save, atomic_write_text  # noqa: E402
 from medir_monai.data import ensure_demo_dataset  # noqa: E402
 from medir_monai.data.demo import demo_sources  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
@@ -89,6 +96,28 @@ def train_fold(bundle: Path, configs: list[Path], datalist: Path, work: Path, it
     return parser.get_parsed_content("network"), parser
 
 
+def fold_network(bundle: Path, configs: list[Path], datalist: Path, work: Path, iterations: int, seed: int,
+                 record: dict, models_dir: Path | None):
+    """:func:`train_fold`, or the network saved in ``models_dir`` for the same ``record`` (fold, left-out sources,
+    iterations, seed); a newly trained one is saved there (atomically). Returns ``(network, parser, trained_now)``."""
+    weights = json_path = None
+    if models_dir is not None:
+        weights, json_path = models_dir / f"fold{record['fold']}.pt", models_dir / f"fold{record['fold']}.json"
+        if weights.is_file() and json_path.is_file() and json.loads(json_path.read_text()) == record:
+            parser = ConfigParser()
+            parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
+            parser["bundle_root"] = str(bundle)
+            network = parser.get_parsed_content("network_def")
+            network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return network, parser, False
+    network, parser = train_fold(bundle, configs, datalist, work, iterations, seed)
+    if weights is not None:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(network.state_dict(), weights)
+        atomic_write_text(json_path, json.dumps(record, indent=1))
+    return network, parser, True
+
+
 def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int | None = None) -> dict[str, dict[str, float]]:
     """LQ and restored metrics (means over the source's slices, at most ``max_slices`` evenly spread) against HQ, in
     physical units."""
@@ -136,7 +165,8 @@ def table(results: list[dict]) -> str:
 
 
 def run(bundle: Path, configs: list[Path], demo_dir: Path | None, folds: list[int] | None, iterations: int,
-        seed: int, mri_per_fold: int, max_slices: int | None = None, eval_slices: int | None = 12) -> list[dict]:
+        seed: int, mri_per_fold: int, max_slices: int | None = None, eval_slices: int | None = 12,
+        models_dir: Path | None = None) -> list[dict]:
     root = ensure_demo_dataset(demo_dir, max_slices=max_slices, verbose=True)
     sources = demo_sources(root)
     all_folds = make_folds(sources, mri_per_fold)
@@ -148,8 +178,12 @@ def run(bundle: Path, configs: list[Path], demo_dir: Path | None, folds: list[in
             counts = write_datalist(sources, left_out, work / "datalist.json")
             print(f"fold {index}: leaving out {left_out} ({counts['train']} training slices)", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            network, parser = train_fold(bundle, configs, work / "datalist.json", work, iterations, seed)
-            trained = time.perf_counter() - start
+            record = {"fold": index, "left_out": left_out, "iterations": iterations, "seed": seed}
+            network, parser, fresh = fold_network(bundle, configs, work / "datalist.json", work, iterations, seed,
+                                                  record, models_dir)
+            trained = time.perf_counter() - start if fresh else None
+            if not fresh:
+                print(f"fold {index}: network loaded from {models_dir}", file=sys.stderr, flush=True)
             for s in sources:
                 if s["source"] in left_out.get(s["task"], []):
                     metrics = evaluate_source(network, s, parser, eval_slices)
@@ -171,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-slices", type=int, default=12, help="left-out slices restored per source, evenly spread")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--models-dir", default=None,
+                   help="save each fold's network here, or load it when a previous run saved the same fold")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     bundle = Path(args.bundle).resolve()
     configs = [Path(c) for c in args.config] if args.config else [bundle / "configs" / "quick.json"]
     start = time.perf_counter()
     results = run(bundle, configs, Path(args.demo_dir) if args.demo_dir else None, args.folds, args.iterations,
-                  args.seed, args.mri_per_fold, args.max_slices, args.eval_slices)
+                  args.seed, args.mri_per_fold, args.max_slices, args.eval_slices,
+                  Path(args.models_dir) if args.models_dir else None)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"# benchmarks/generalisation.py  {time.strftime('%Y-%m-%d')}  bundle {bundle.name}, configs "
           f"{[c.name for c in configs]}, {args.iterations} iterations per fold, CPU {capability}, "

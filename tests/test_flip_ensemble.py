@@ -135,3 +135,21 @@ def test_deploy_models_carry_the_setting(tmp_path):
     assert info["settings"]["flip_ensemble"] is True
     _, info = load_bundle_network(REPO_ROOT / "bundles" / "restormer", untrained=True)
     assert info["settings"]["flip_ensemble"] is False
+
+
+def test_the_main_job_restores_with_the_ensemble_and_validates_single_pass():
+    """AMIR quick.json (the README main job): ``medir restore`` and evaluate.json average the four mirrored passes, the
+    validation inside training stays one pass (the job's time); the other quick configs keep their one pass."""
+    configs = REPO_ROOT / "bundles" / "amir" / "configs"
+    restore = ConfigParser()
+    restore.read_config([str(configs / "inference.json"), str(configs / "quick.json")])
+    assert restore.get_parsed_content("flip_ensemble") is True
+    job = ConfigParser()
+    job.read_config([str(configs / "train.json"), str(configs / "quick.json")])
+    assert not job.get_parsed_content("validate#inferer", instantiate=True).enabled
+    evaluate = ConfigParser()
+    evaluate.read_config([str(configs / f) for f in ("train.json", "quick.json", "evaluate.json")])
+    assert evaluate.get_parsed_content("validate#inferer", instantiate=True).enabled
+    for bundle in ("restormer", "tat", "diffcode"):
+        quick = json.loads((REPO_ROOT / "bundles" / bundle / "configs" / "quick.json").read_text())
+        assert not quick.get("flip_ensemble", False), bundle

@@ -149,13 +149,19 @@ def test_safeguard_handler_changes_only_the_listed_tasks():
     assert float((out[0] - lq[0]).abs().mean()) < 0.2 * 0.01  # the 41 HU offset is gone
 
 
-def test_quick_configs_turn_the_ct_safeguard_on_and_paper_configs_leave_it_off():
+def test_quick_configs_turn_the_safeguards_on_and_paper_configs_leave_them_off():
     for bundle in ("amir", "tat", "restormer", "diffcode"):
         configs = REPO / "bundles" / bundle / "configs"
         assert json.loads((configs / "train.json").read_text())["safeguard"] is None
         assert json.loads((configs / "inference.json").read_text())["safeguard"] is None
         quick = json.loads((configs / "quick.json").read_text())["safeguard"]
-        assert set(quick) == {"ct_denoise"} and RestorationSafeguard(quick)
+        # the README main job's bundle also keeps the acquired k-space band of MRI inputs, at the degradation's own
+        # kept fraction; the other quick configs keep the CT safeguard only (their documented figures)
+        assert set(quick) == ({"ct_denoise", "mri_sr"} if bundle == "amir" else {"ct_denoise"})
+        assert RestorationSafeguard(quick)
+        if "mri_sr" in quick:
+            kept = get_task("mri_sr").degradation_args["keep_fraction"]
+            assert quick["mri_sr"] == {"method": "kspace", "keep_fraction": kept}
         # validation, evaluation and inference all apply it (the tables measure what medir restore writes)
         assert '"medir_monai.handlers.SafeguardHandler"' in (configs / "train.json").read_text()
         handlers = json.loads((configs / "evaluate.json").read_text())["validate#handlers"]

@@ -1,0 +1,54 @@
+"""``benchmarks/generalisation.py --models-dir``: a fold's network is trained once, saved, and reloaded by a later
+run of the same fold (so restore-time options can be compared on the same networks), never for another fold."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "amir"
+
+
+@pytest.fixture()
+def generalisation():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import generalisation as module
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_fold_networks_are_saved_and_reloaded_only_for_the_same_fold(generalisation, tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train_fold(bundle, configs, datalist, work, iterations, seed):  # a fresh quick-size AMIR, no training
+        parser = generalisation.ConfigParser()
+        parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
+        parser["bundle_root"] = str(bundle)
+        torch.manual_seed(len(trained))
+        trained.append(iterations)
+        return parser.get_parsed_content("network_def"), parser
+
+    monkeypatch.setattr(generalisation, "train_fold", fake_train_fold)
+    configs = [BUNDLE / "configs" / "quick.json"]
+    record = {"fold": 2, "left_out": {"mri_sr": ["emri"]}, "iterations": 800, "seed": 0}
+    models = tmp_path / "models"
+
+    def call(rec):
+        return generalisation.fold_network(BUNDLE, configs, tmp_path / "d.json", tmp_path, rec["iterations"], 0, rec,
+                                           models)
+
+    first, _, fresh = call(record)
+    assert fresh and trained == [800] and (models / "fold2.pt").is_file() and (models / "fold2.json").is_file()
+    again, parser, fresh = call(record)
+    assert not fresh and trained == [800]  # loaded, not trained
+    assert parser.get_parsed_content("patch_size") == [64, 64]  # the bundle's configs, for the restore options
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    other, _, fresh = call({**record, "iterations": 300})  # another run's network is not reused
+    assert fresh and trained == [800, 300]
+    assert not torch.equal(next(iter(other.state_dict().values())), next(iter(first.state_dict().values())))
+    assert '"iterations": 300' in (models / "fold2.json").read_text()
