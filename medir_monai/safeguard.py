@@ -19,8 +19,9 @@ degradation physics says about the input, and needs no training and no ground tr
   restoration keeps only the residual outside that band (``keep_fraction`` per axis, the degradation's), the
   data-consistency step of model-based MRI reconstruction.
 
-The papers' configurations use none (``safeguard: null``); ``quick.json`` turns on ``"noise"`` for CT. The
-measured effect: the leave-one-source-out table of ``benchmarks/README.md`` (with and without the safeguard).
+The papers' configurations use none (``safeguard: null``); the ``quick.json`` configs turn on ``"noise"`` for CT,
+and AMIR's (the README main job) also ``"kspace"`` for MRI. The measured effect: the leave-one-source-out tables of
+``benchmarks/README.md`` (with and without the safeguard).
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ class RestorationSafeguard:
         settings: ``{task name: {"method": "noise" | "kspace", **options of that method}}``; tasks not listed
             are returned unchanged. ``object_threshold`` is given in the task's physical unit (e.g. HU).
 
-    Example (``quick.json``)::
+    Example (AMIR's ``quick.json``)::
 
-        "safeguard": {"ct_denoise": {"method": "noise", "lowpass_sigma": 1.5, "window": 5, "object_threshold": -500}}
+        "safeguard": {"ct_denoise": {"method": "noise", "lowpass_sigma": 1.5, "window": 5, "object_threshold": -500},
+                      "mri_sr": {"method": "kspace", "keep_fraction": 0.25}}
     """
 
     def __init__(self, settings: Mapping[str, Mapping[str, Any]] | None = None):

@@ -219,21 +219,12 @@ def channel_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tens
         logits = _normalised_logits(q.transpose(1, 2), k, _column_norms(q), _column_norms(k))  # (B, C, C)
         attn = (logits * temperature.reshape(1, 1, 1)).softmax(dim=-1).to(v.dtype)
         return (v @ attn.transpose(1, 2)).view(b, h, w, c).permute(0, 3, 1, 2)
-    if channels_last:
-        # each head is a column block of that matrix: the products run on views of it, so the gradient reaches
-        # the depthwise conv before it channels-last too (an NCHW gradient doubles that conv's backward on CPU)
-        d = c // num_heads
-        q, k, v = (t.reshape(b, h * w, num_heads, d) for t in qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3).split(c, -1))
-        q_norm, k_norm = (_column_norms(t.reshape(b, h * w, c)).reshape(b, num_heads, d) for t in (q, k))
-        logits = _normalised_logits(q.permute(0, 2, 3, 1), k.transpose(1, 2), q_norm, k_norm)  # (B, heads, d, d)
-        attn = (logits * temperature).softmax(dim=-1).to(v.dtype)
-        out = v.transpose(1, 2) @ attn.transpose(-2, -1)  # (B, heads, H*W, d): (attn @ v^T)^T per head
-        return out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
     # (B, 3C, H, W) -> 3 x (B, heads, C/heads, H*W)
     q, k, v = qkv.reshape(b, 3, num_heads, c // num_heads, h * w).unbind(dim=1)
     q_norm, k_norm = (t.float().norm(dim=-1).clamp_min(NORMALIZE_EPS) for t in (q, k))
     logits = _normalised_logits(q, k.transpose(-2, -1), q_norm, k_norm)  # (B, heads, C/h, C/h)
-    return ((logits * temperature).softmax(dim=-1).to(v.dtype) @ v).reshape(b, c, h, w)
+    out = ((logits * temperature).softmax(dim=-1).to(v.dtype) @ v).reshape(b, c, h, w)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class ChannelAttention(CABlock):
