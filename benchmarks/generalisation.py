@@ -130,10 +130,11 @@ def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int
     items = source["items"]
     if max_slices is not None and len(items) > max_slices:
         items = [items[i] for i in np.linspace(0, len(items) - 1, max_slices).round().astype(int)]
+    windows = parser.get_parsed_content("val_sw_batch_size")  # windows per network call: speed only
     for item in items:
         lq = load_image(item["lq"], ndim=(2,)).as_tensor().float()
         hq = load_image(item["hq"], ndim=(2,)).as_tensor().float()
-        options = dict(roi_size=patch, overlap=0.25, sw_batch_size=1, progress=False, intensity_reference=reference)
+        options = dict(roi_size=patch, overlap=0.25, sw_batch_size=windows, progress=False, intensity_reference=reference)
         unguarded = restore_array(network, lq, task, flip_ensemble=ensemble, **options)
         restored = guard(lq, unguarded, task) if guard else unguarded  # what restore_array(safeguard=...) returns
         other = restore_array(network, lq, task, flip_ensemble=not ensemble, safeguard=guard, **options)
