@@ -39,6 +39,7 @@ from monai.bundle import ConfigParser
 REPO = Path(__file__).resolve().parents[1]
 
 from medir_monai.atomic import atomic_save, atomic_write_text  # noqa: E402
+from medir_monai.bundle import bundle_parser  # noqa: E402
 from medir_monai.data import ensure_demo_dataset  # noqa: E402
 from medir_monai.data.demo import demo_sources  # noqa: E402
 from medir_monai.data.io import load_image  # noqa: E402
@@ -78,9 +79,7 @@ def write_datalist(sources: list[dict], left_out: dict[str, list[str]], path: Pa
 
 def train_fold(bundle: Path, configs: list[Path], datalist: Path, work: Path, iterations: int, seed: int):
     """Train with the bundle's own config on ``datalist`` into ``work``; returns the network and the parser."""
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
-    parser["bundle_root"] = str(bundle)
+    parser, _ = bundle_parser(bundle, "train.json", configs)
     parser["dataset_dir"] = str(datalist)
     parser["ckpt_dir"] = str(work / "models")
     parser["output_dir"] = str(work / "runs")
@@ -104,9 +103,7 @@ def fold_network(bundle: Path, configs: list[Path], datalist: Path, work: Path, 
     if models_dir is not None:
         weights, json_path = models_dir / f"fold{record['fold']}.pt", models_dir / f"fold{record['fold']}.json"
         if weights.is_file() and json_path.is_file() and json.loads(json_path.read_text()) == record:
-            parser = ConfigParser()
-            parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
-            parser["bundle_root"] = str(bundle)
+            parser, _ = bundle_parser(bundle, "train.json", configs)
             network = parser.get_parsed_content("network_def")
             network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             return network, parser, False

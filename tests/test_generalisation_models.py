@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from medir_monai.bundle import bundle_parser
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "amir"
 
@@ -25,9 +27,7 @@ def test_fold_networks_are_saved_and_reloaded_only_for_the_same_fold(generalisat
     trained = []
 
     def fake_train_fold(bundle, configs, datalist, work, iterations, seed):  # a fresh quick-size AMIR, no training
-        parser = generalisation.ConfigParser()
-        parser.read_config([str(bundle / "configs" / "train.json"), *map(str, configs)])
-        parser["bundle_root"] = str(bundle)
+        parser, _ = bundle_parser(bundle, "train.json", configs)
         torch.manual_seed(len(trained))
         trained.append(iterations)
         return parser.get_parsed_content("network_def"), parser
