@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
 from medir_monai.tasks import Task, UnknownTaskError, get_task
-from medir_monai.transforms import central_window
+from medir_monai.transforms import central_window, estimate_noise_std
 
 __all__ = [
     "SAFEGUARD_METHODS",
@@ -44,41 +44,11 @@ __all__ = [
     "noise_consistency",
 ]
 
-MAD_TO_STD = 0.6745
-"""Median absolute deviation of a standard normal variable: ``std = median(|x|) / 0.6745``."""
-
-
 def _plane(image: torch.Tensor, name: str) -> torch.Tensor:
     x = torch.as_tensor(image)
     if x.ndim != 2:
         raise ValueError(f"{name} must be one 2-D slice (H, W), got shape {tuple(x.shape)}")
     return x.float()
-
-
-def estimate_noise_std(image: torch.Tensor, object_threshold: float | None = None) -> float:
-    """Noise standard deviation of a slice from its finest-scale diagonal Haar coefficients (robust MAD).
-
-    Args:
-        image: ``(H, W)`` slice.
-        object_threshold: only 2 x 2 blocks whose mean exceeds this count (the object, not the air or padding
-            around it, where CT noise is clipped); ``None`` uses every block. Falls back to every block when none
-            is above it.
-
-    Returns:
-        the estimate, in the image's units (0 for a noise-free piecewise-constant image).
-    """
-    x = _plane(image, "image")
-    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-    if h == 0 or w == 0:
-        raise ValueError(f"image of shape {tuple(x.shape)} is too small for a noise estimate (needs 2 x 2)")
-    x = x[:h, :w]
-    a, b, c, d = x[0::2, 0::2], x[0::2, 1::2], x[1::2, 0::2], x[1::2, 1::2]
-    diagonal = (a - b - c + d) / 2  # unit gain for white noise
-    if object_threshold is not None:
-        inside = (a + b + c + d) / 4 > object_threshold
-        if bool(inside.any()):
-            diagonal = diagonal[inside]
-    return float(diagonal.abs().median() / MAD_TO_STD)
 
 
 def _gaussian_lowpass(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -187,9 +187,10 @@ register_task(
         slice_size=(512, 512),
         display_window=(-160.0, 240.0),
         degradation="LowDoseCT",
-        # dose_fraction is against the calibrated full dose i0, the added noise that of a quarter-dose scan
-        # (LowDoseCT's docstring: not a fraction of the input's own dose, which one image does not tell)
-        degradation_args={"dose_fraction": 0.25, "mode": "insert_noise"},
+        # dose_fraction is against the calibrated full dose i0, the added noise that of a quarter-dose scan, and
+        # (match_input_noise) at least 3x the input's own estimated noise variance when the input is noisier than
+        # the calibration: the quarter dose of the calibrated dose or of the scan's own, whichever is lower
+        degradation_args={"dose_fraction": 0.25, "mode": "insert_noise", "match_input_noise": True},
         air_threshold=-900.0,
     )
 )

@@ -135,6 +135,33 @@ def test_ct_insert_noise_mode():
     assert abs(quarter[:, interior].mean() - 40.0) < 5.0
 
 
+def test_ct_match_input_noise_makes_a_noisy_reference_a_quarter_dose_of_itself():
+    """A reference noisier than the calibration gets 3x its own noise variance added at a quarter dose (so the LQ has
+    4x it); a clean reference keeps the calibrated noise; the option needs insert_noise; LowDoseCT passes it on."""
+    size = 96
+    water = disk(size, 36.0, 40.0, -1000.0)
+    interior = radius_map(size) < 30
+    g = np.random.default_rng(0)
+    noisy_reference = water + np.where(radius_map(size) < 36, 30.0 * g.standard_normal(water.shape), 0.0).astype(np.float32)
+    settings = dict(dose_fraction=0.25, i0=1e7, mode="insert_noise", rng=1, **CT_GEOMETRY)
+    calibrated = simulate_low_dose_ct(water, **settings) - water
+    assert calibrated[interior].std() < 15.0  # the calibrated quarter dose: well below 30 * sqrt(3)
+    matched = simulate_low_dose_ct(noisy_reference, match_input_noise=True, **settings) - noisy_reference
+    assert matched[interior].std() == pytest.approx(30.0 * math.sqrt(3.0), rel=0.1)
+    unmatched = simulate_low_dose_ct(noisy_reference, **settings) - noisy_reference
+    np.testing.assert_allclose(matched, unmatched * (matched[interior].std() / unmatched[interior].std()), atol=1e-2)
+    clean_kept = simulate_low_dose_ct(water, match_input_noise=True, **settings)
+    np.testing.assert_array_equal(clean_kept, simulate_low_dose_ct(water, **settings))  # quieter than the calibration
+    tenth = simulate_low_dose_ct(noisy_reference, match_input_noise=True, **{**settings, "dose_fraction": 0.1})
+    assert (tenth - noisy_reference)[interior].std() == pytest.approx(30.0 * 3.0, rel=0.1)  # sqrt(1/0.1 - 1) = 3
+    with pytest.raises(ValueError, match="match_input_noise needs mode='insert_noise'"):
+        simulate_low_dose_ct(water, match_input_noise=True, mode="reconstruct", **CT_GEOMETRY)
+    transform = LowDoseCT(i0=1e7, mode="insert_noise", match_input_noise=True, pixel_size_mm=1.5, num_views=180)
+    transform.set_random_state(0)
+    added = np.asarray(transform(noisy_reference[None]))[0] - noisy_reference
+    assert added[interior].std() == pytest.approx(30.0 * math.sqrt(3.0), rel=0.1)
+
+
 def test_ct_electronic_noise_and_circle():
     size = 64
     water = disk(size, 25.0, 0.0, -1000.0)

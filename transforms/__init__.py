@@ -18,7 +18,7 @@ from .kspace import KSpaceTruncate, KSpaceTruncated, central_window, kspace_mask
 from .lowdose_ct import CT_FULL_DOSE_PHOTONS, MU_WATER_PER_MM, LowDoseCT, LowDoseCTd, simulate_low_dose_ct
 from .lowdose_pet import PET_FULL_COUNTS, PET_REFERENCE_ACTIVITY, LowDosePET, LowDosePETd, osem, simulate_pet_pair
 from .projector import FBP_FILTERS, ParallelBeamProjector, ramp_filter
-from .simulation import gaussian_blur
+from .simulation import estimate_noise_std, gaussian_blur
 from .slices import ExtractSlicesd, extract_slices, select_slices
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "LowDosePETd",
     "ParallelBeamProjector",
     "central_window",
+    "estimate_noise_std",
     "extract_slices",
     "gaussian_blur",
     "kspace_mask",

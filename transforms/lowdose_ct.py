@@ -15,6 +15,7 @@ simulated, batched) and return the same type.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -26,7 +27,16 @@ from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
 from .projector import FBP_FILTERS, ParallelBeamProjector
-from .simulation import SeedLike, as_slices, cached_projector, check_finite, pixel_size_of, slices_of, torch_generator
+from .simulation import (
+    SeedLike,
+    as_slices,
+    cached_projector,
+    check_finite,
+    estimate_noise_std,
+    pixel_size_of,
+    slices_of,
+    torch_generator,
+)
 
 __all__ = ["CT_FULL_DOSE_PHOTONS", "MU_WATER_PER_MM", "LowDoseCT", "LowDoseCTd", "simulate_low_dose_ct"]
 
@@ -54,6 +64,8 @@ def simulate_low_dose_ct(
     filter_name: str = "ramlak",
     circle: bool = False,
     mode: str = "reconstruct",
+    match_input_noise: bool = False,
+    body_threshold_hu: float = -500.0,
     min_counts: float = 1.0,
     rng: SeedLike = None,
     projector: ParallelBeamProjector | None = None,
@@ -74,6 +86,20 @@ def simulate_low_dose_ct(
     ``hu + FBP(p_hat - p)`` in HU: the same noise, added to the input, so the output keeps the input's
     resolution exactly and differs from it only by the simulated noise (FBP is linear).
 
+    ``match_input_noise=True`` (``insert_noise`` only) makes the pair a reduced-dose pair of *this* scan when the
+    scan is noisier than the calibrated full dose: a scan at ``dose_fraction`` of the input's own dose has
+    ``1 / dose_fraction`` times the input's noise variance, so the inserted noise needs a standard deviation of at
+    least ``sigma_in * sqrt(1 / dose_fraction - 1)`` (the noise-insertion rule of Yu et al., Med. Phys. 2012, that
+    made the AAPM-Mayo quarter-dose data from each patient's own projections). ``sigma_in`` is estimated per slice
+    with :func:`~.simulation.estimate_noise_std` over the body (2 x 2 blocks above ``body_threshold_hu``), the
+    simulated noise's level is its RMS over the body (pixels above ``body_threshold_hu``); where it falls short, it
+    is scaled up to the target (a Gaussian, high-count approximation of the lower photon count it stands for). A scan quieter than
+    the calibration (most clinical slices; a smooth reconstruction kernel also hides its noise from the estimate)
+    keeps the calibrated noise: the LQ is at ``dose_fraction`` of the calibrated dose or of the scan's own dose,
+    whichever is lower. Without it, a noisy reference (e.g. a small-pixel or low-dose full-dose scan) gets a
+    "low-dose" input that is quieter relative to it than any real low-dose scan, and a denoiser, which removes the
+    reference's noise too, cannot beat that input in PSNR.
+
     Args:
         hu: ``(H, W)`` or ``(B, H, W)`` full-dose image(s) in HU (numpy or torch).
         dose_fraction: dose of the simulated scan relative to full dose (0.25 = quarter dose).
@@ -86,6 +112,8 @@ def simulate_low_dose_ct(
         circle: only simulate inside the inscribed circle (scanner field of view); outside it the output
             is the input.
         mode: ``"reconstruct"`` or ``"insert_noise"`` (see above).
+        match_input_noise: insert at least the input's own noise scaled to ``dose_fraction`` (see above).
+        body_threshold_hu: HU above which 2 x 2 blocks count as body for ``match_input_noise``'s noise estimates.
         min_counts: floor on detected counts before the log.
         rng: seed (int), numpy random state / generator (a seed is drawn from it), torch generator, or None.
         projector: a prebuilt projector (default: built and cached per geometry); its pixel size and views
@@ -107,6 +135,8 @@ def simulate_low_dose_ct(
         raise ValueError(f"mode must be 'reconstruct' or 'insert_noise', got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if match_input_noise and mode != "insert_noise":
+        raise ValueError(f"match_input_noise needs mode='insert_noise' (it scales the inserted noise), got mode={mode!r}")
     slices, added = as_slices(hu, "hu")
     if projector is None:
         projector = cached_projector(tuple(slices.shape[-2:]), float(pixel_size_mm), int(num_views), circle, 1)
@@ -120,8 +150,27 @@ def simulate_low_dose_ct(
     out = torch.cat(parts)
     if circle:
         out = torch.where(projector.mask, out, slices)
+    if match_input_noise:
+        out = _noise_at_least_the_inputs(slices, out, dose_fraction, body_threshold_hu)
     out = out[0] if added else out
     return convert_to_dst_type(out, hu, dtype=torch.float32)[0]
+
+
+def _noise_at_least_the_inputs(
+    slices: torch.Tensor, simulated: torch.Tensor, dose_fraction: float, body_threshold_hu: float
+) -> torch.Tensor:
+    """``match_input_noise`` of :func:`simulate_low_dose_ct`: per slice of ``(B, H, W)``, scale the inserted noise
+    ``simulated - slices`` up to ``sigma_in * sqrt(1 / dose_fraction - 1)`` when it is below."""
+    out = simulated.clone()
+    for index, (reference, low_dose) in enumerate(zip(slices, simulated)):
+        noise = low_dose - reference
+        sigma_in = estimate_noise_std(reference, body_threshold_hu)
+        body = reference > body_threshold_hu
+        sigma_inserted = float(noise[body].pow(2).mean().sqrt()) if bool(body.any()) else 0.0  # known noise: its RMS
+        target = sigma_in * math.sqrt(1.0 / dose_fraction - 1.0)
+        if 0.0 < sigma_inserted < target:
+            out[index] = reference + noise * (target / sigma_inserted)
+    return out
 
 
 def _ct_chunk(
@@ -162,6 +211,7 @@ class LowDoseCT(Randomizable, Transform):
     ``dose_fraction=1.0`` still adds the noise of a full-dose scan (the input is treated as noise-free). For a
     pair at the input's dose and a fraction ``f`` of it, the added variance should be ``(1 / f - 1)`` times
     the input's: pass ``dose_fraction = f / (1 - f)`` when the input itself is at the calibrated full dose.
+    ``match_input_noise=True`` adds at least that much, measured on the input (:func:`simulate_low_dose_ct`).
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -177,6 +227,8 @@ class LowDoseCT(Randomizable, Transform):
         filter_name: str = "ramlak",
         circle: bool = False,
         mode: str = "reconstruct",
+        match_input_noise: bool = False,
+        body_threshold_hu: float = -500.0,
     ) -> None:
         self.kwargs = dict(
             dose_fraction=dose_fraction,
@@ -187,6 +239,8 @@ class LowDoseCT(Randomizable, Transform):
             filter_name=filter_name,
             circle=circle,
             mode=mode,
+            match_input_noise=match_input_noise,
+            body_threshold_hu=body_threshold_hu,
         )
         self.pixel_size_mm = pixel_size_mm
         self._seed = 0

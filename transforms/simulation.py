@@ -1,5 +1,5 @@
 """Shared pieces of the low-dose CT and PET simulations: seeding, slice batching, the cached projector, the PSF
-blur, and the checks of the MONAI transforms in :mod:`.lowdose_ct` and :mod:`.lowdose_pet`."""
+blur, the noise estimate, and the checks of the MONAI transforms in :mod:`.lowdose_ct` and :mod:`.lowdose_pet`."""
 
 
 from __future__ import annotations
@@ -15,9 +15,23 @@ from monai.data import MetaTensor
 
 from .projector import ParallelBeamProjector
 
-__all__ = ["SeedLike", "as_slices", "cached_projector", "check_finite", "gaussian_blur", "pixel_size_of", "slices_of", "torch_generator"]
+__all__ = [
+    "MAD_TO_STD",
+    "SeedLike",
+    "as_slices",
+    "cached_projector",
+    "check_finite",
+    "estimate_noise_std",
+    "gaussian_blur",
+    "pixel_size_of",
+    "slices_of",
+    "torch_generator",
+]
 
 SeedLike = int | np.random.RandomState | np.random.Generator | torch.Generator | None
+
+MAD_TO_STD = 0.6745
+"""Median absolute deviation of a standard normal variable: ``std = median(|x|) / 0.6745``."""
 
 
 def torch_generator(rng: SeedLike) -> torch.Generator:
@@ -107,3 +121,32 @@ def check_finite(img: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+
+
+def estimate_noise_std(image: torch.Tensor, object_threshold: float | None = None) -> float:
+    """Noise standard deviation of a slice from its finest-scale diagonal Haar coefficients (robust MAD;
+    Donoho & Johnstone, Biometrika 1994).
+
+    Args:
+        image: ``(H, W)`` slice.
+        object_threshold: only 2 x 2 blocks whose mean exceeds this count (the object, not the air or padding
+            around it, where CT noise is clipped); ``None`` uses every block. Falls back to every block when none
+            is above it.
+
+    Returns:
+        the estimate, in the image's units (0 for a noise-free piecewise-constant image).
+    """
+    x = torch.as_tensor(image).float()
+    if x.ndim != 2:
+        raise ValueError(f"image must be one 2-D slice (H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        raise ValueError(f"image of shape {tuple(x.shape)} is too small for a noise estimate (needs 2 x 2)")
+    x = x[:h, :w]
+    a, b, c, d = x[0::2, 0::2], x[0::2, 1::2], x[1::2, 0::2], x[1::2, 1::2]
+    diagonal = (a - b - c + d) / 2  # unit gain for white noise
+    if object_threshold is not None:
+        inside = (a + b + c + d) / 4 > object_threshold
+        if bool(inside.any()):
+            diagonal = diagonal[inside]
+    return float(diagonal.abs().median() / MAD_TO_STD)

@@ -108,7 +108,9 @@ Every row is one source (a subject / volume / scanner) and goes to exactly one s
   pixel size and {720 // CT_VIEWS}x the default photons per view ({CT_VIEWS} instead of 720 views: same total
   dose and noise level, half the build time): parallel-beam projection, Poisson noise at a quarter of
   the full-dose photon count, the noise reconstructed by FBP (Ram-Lak) and added to the HQ image. The
-  HQ slice is itself a clinical (full-dose) image with its own noise.
+  HQ slice is itself a clinical (full-dose) image with its own noise; where that noise (estimated per slice)
+  is above the calibrated full dose's, the added noise is raised to 3x its variance (`match_input_noise`:
+  a quarter of the scan's own dose, so the LQ is never quieter relative to its HQ than a real quarter dose).
 - Counts: per slice, {CT_REALISATIONS} independent noise realisations (train / validation / test),
   each stored 4 times: as is, flipped left-right, up-down, and both (LQ and HQ flipped together). HQ
   images therefore repeat. Test and validation slices are other patients / regions than the training ones.
