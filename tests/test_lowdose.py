@@ -142,7 +142,8 @@ def test_ct_match_input_noise_makes_a_noisy_reference_a_quarter_dose_of_itself()
     water = disk(size, 36.0, 40.0, -1000.0)
     interior = radius_map(size) < 30
     g = np.random.default_rng(0)
-    noisy_reference = water + np.where(radius_map(size) < 36, 30.0 * g.standard_normal(water.shape), 0.0).astype(np.float32)
+    body_noise = np.where(radius_map(size) < 36, 30.0 * g.standard_normal(water.shape), 0.0)
+    noisy_reference = (water + body_noise).astype(np.float32)
     settings = dict(dose_fraction=0.25, i0=1e7, mode="insert_noise", rng=1, **CT_GEOMETRY)
     calibrated = simulate_low_dose_ct(water, **settings) - water
     assert calibrated[interior].std() < 15.0  # the calibrated quarter dose: well below 30 * sqrt(3)

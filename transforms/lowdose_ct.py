@@ -5,7 +5,8 @@ transmission noise at ``dose_fraction * i0`` photons per detector bin (+ optiona
 noise) -> ``-log`` -> filtered back-projection -> HU. The photon count is calibrated so that a quarter-dose
 reconstruction of a real abdominal slice (0.86 mm pixels, 720 views, Ram-Lak) carries 17-19 HU more
 noise than the full-dose input, within the +15 to +30 HU between the AAPM-Mayo 2016 full- and
-quarter-dose pairs the papers use.
+quarter-dose pairs the papers use. ``match_input_noise`` (on in the task registry) inserts at least the noise of a
+quarter of the input scan's own dose when the input is noisier than that calibration.
 
 Uses :class:`~.projector.ParallelBeamProjector` (torch, batched over slices). The transforms take
 channel-first ``(C, H, W)`` or ``(C, H, W, D)`` arrays (numpy or torch, every 2-D ``(H, W)`` slice is
@@ -93,12 +94,12 @@ def simulate_low_dose_ct(
     made the AAPM-Mayo quarter-dose data from each patient's own projections). ``sigma_in`` is estimated per slice
     with :func:`~.simulation.estimate_noise_std` over the body (2 x 2 blocks above ``body_threshold_hu``), the
     simulated noise's level is its RMS over the body (pixels above ``body_threshold_hu``); where it falls short, it
-    is scaled up to the target (a Gaussian, high-count approximation of the lower photon count it stands for). A scan quieter than
-    the calibration (most clinical slices; a smooth reconstruction kernel also hides its noise from the estimate)
-    keeps the calibrated noise: the LQ is at ``dose_fraction`` of the calibrated dose or of the scan's own dose,
-    whichever is lower. Without it, a noisy reference (e.g. a small-pixel or low-dose full-dose scan) gets a
-    "low-dose" input that is quieter relative to it than any real low-dose scan, and a denoiser, which removes the
-    reference's noise too, cannot beat that input in PSNR.
+    is scaled up to the target (a Gaussian, high-count approximation of the lower photon count it stands for). A
+    scan quieter than the calibration (most clinical slices; a smooth reconstruction kernel also hides its noise
+    from the estimate) keeps the calibrated noise: the LQ is at ``dose_fraction`` of the calibrated dose or of the
+    scan's own dose, whichever is lower. Without it, a noisy reference (e.g. a small-pixel or low-dose full-dose
+    scan) gets a "low-dose" input that is quieter relative to it than any real low-dose scan, and a denoiser, which
+    removes the reference's noise too, cannot beat that input in PSNR.
 
     Args:
         hu: ``(H, W)`` or ``(B, H, W)`` full-dose image(s) in HU (numpy or torch).
@@ -113,7 +114,8 @@ def simulate_low_dose_ct(
             is the input.
         mode: ``"reconstruct"`` or ``"insert_noise"`` (see above).
         match_input_noise: insert at least the input's own noise scaled to ``dose_fraction`` (see above).
-        body_threshold_hu: HU above which 2 x 2 blocks count as body for ``match_input_noise``'s noise estimates.
+        body_threshold_hu: HU above which the input counts as body for ``match_input_noise`` (its 2 x 2 blocks for
+            the input's noise estimate, its pixels for the inserted noise's RMS).
         min_counts: floor on detected counts before the log.
         rng: seed (int), numpy random state / generator (a seed is drawn from it), torch generator, or None.
         projector: a prebuilt projector (default: built and cached per geometry); its pixel size and views
@@ -136,7 +138,9 @@ def simulate_low_dose_ct(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if match_input_noise and mode != "insert_noise":
-        raise ValueError(f"match_input_noise needs mode='insert_noise' (it scales the inserted noise), got mode={mode!r}")
+        raise ValueError(
+            f"match_input_noise needs mode='insert_noise' (it scales the inserted noise), got mode={mode!r}"
+        )
     slices, added = as_slices(hu, "hu")
     if projector is None:
         projector = cached_projector(tuple(slices.shape[-2:]), float(pixel_size_mm), int(num_views), circle, 1)
