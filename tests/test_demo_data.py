@@ -26,6 +26,7 @@ from medir_monai.data.demo import (
 )
 from medir_monai.metrics import psnr_paper, to_eval_window
 from medir_monai.tasks import get_task
+from medir_monai.transforms import estimate_noise_std
 
 MAX_SLICES = 2
 SPLITS = ("train", "validation", "test")
@@ -197,6 +198,10 @@ def test_ct_from_real_slices_in_hounsfield_units(tmp_path):
             assert np.median(hq[body]) == pytest.approx(40.0, abs=100.0)  # soft tissue around 0-100 HU
             noise = (lq - hq)[body].std()
             assert 3.0 < noise < 150.0, noise  # quarter-dose noise in HU
+            # never quieter than a quarter of the reference's own dose: the LQ has >= 4x the HQ's noise variance
+            inserted = float(np.sqrt(np.mean((lq - hq)[hq > -500.0] ** 2)))
+            own = estimate_noise_std(torch.from_numpy(hq), -500.0)
+            assert inserted >= 0.95 * np.sqrt(3.0) * own, (inserted, own)
             psnr = _psnr(lq, hq, "ct_denoise")
             assert PSNR_LOWER < psnr < PSNR_UPPER["ct_denoise"], psnr
 
