@@ -121,8 +121,6 @@ def check_finite(img: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-
-
 def estimate_noise_std(image: torch.Tensor, object_threshold: float | None = None) -> float:
     """Noise standard deviation of a slice from its finest-scale diagonal Haar coefficients (robust MAD;
     Donoho & Johnstone, Biometrika 1994).

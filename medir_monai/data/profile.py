@@ -2,7 +2,7 @@
 
 A *training profile* holds, for each task, the range over the training LQ slices of: the in-plane pixel size
 (mm), the grid (the longer image side, pixels), the robust intensity maximum (99th percentile over the object, in
-the task's unit) and, for the denoising tasks, the noise level (:func:`~medir_monai.safeguard.estimate_noise_std`
+the task's unit) and, for the denoising tasks, the noise level (:func:`~medir_monai.transforms.estimate_noise_std`
 inside the object). The ranges are widened by the robust-training augmentations the model saw (a random pixel size
 scales pixel size, grid and noise; a random dose scales the noise; an MRI intensity scale scales the intensities),
 since those are part of what it learnt from. Tasks normalised per scan (``intensity_reference``) skip the
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..tasks import DEFAULT_ZOOM_TASKS, get_task
+from ..transforms import estimate_noise_std
 from .dataset import _cached_volume, _slice_spacing, _take_slice
 from .layout import WHOLE_FILE
 
@@ -50,8 +51,6 @@ def _object_threshold(image: torch.Tensor, task) -> float:
 
 def slice_statistics(image: torch.Tensor | np.ndarray, task: str, pixel_size_mm: float | None = None) -> dict[str, float]:
     """The profile quantities of one ``(H, W)`` slice in physical units (``pixel_size_mm`` if known)."""
-    from ..safeguard import estimate_noise_std
-
     task = get_task(task)
     x = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image).float()
     if x.ndim != 2:
