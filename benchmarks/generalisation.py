@@ -162,10 +162,15 @@ def evaluate_source(network, source: dict, parser: ConfigParser, max_slices: int
             rows[key].append({k: float(v[0]) for k, v in m.items()})
         if task.name == "mri_sr":
             band_rows.append(out_of_band_agreement(lq, hq, unguarded, task.degradation_args["keep_fraction"]))
-    means = {key: {k: float(np.mean([r[k] for r in vals])) for k in vals[0]} for key, vals in rows.items()}
+    means = {key: _column_means(vals) for key, vals in rows.items()}
     if band_rows:
-        means["out_of_band"] = {k: float(np.mean([r[k] for r in band_rows])) for k in band_rows[0]}
+        means["out_of_band"] = _column_means(band_rows)
     return {**means, "slices": len(items), "flip_ensemble": ensemble}
+
+
+def _column_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """``[{name: value}, ...]`` (one dict per slice, same names) -> ``{name: mean over the slices}``."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def band_table(results: list[dict]) -> str:
