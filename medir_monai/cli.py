@@ -42,14 +42,20 @@ def _run_demo_data(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else (extended_demo_dir() if args.extended else default_demo_dir())
     path = ensure_demo_dataset(
-        out, force=args.force, max_slices=args.max_slices, verbose=not args.quiet, tasks=args.tasks, extended=args.extended
+        out,
+        force=args.force,
+        max_slices=args.max_slices,
+        verbose=not args.quiet,
+        tasks=args.tasks,
+        extended=args.extended,
+        splits=args.splits,
     )
     print(path)
     return 0
 
 
 def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
-    from .data.demo import DEMO_TASKS
+    from .data.demo import DEMO_TASKS, SPLITS
 
     p = subparsers.add_parser(
         "demo-data",
@@ -81,6 +87,14 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEMO_TASKS),
         metavar="TASK",
         help=f"tasks to build (default: {' '.join(DEMO_TASKS)}; ct_denoise is the slow one)",
+    )
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=list(SPLITS),
+        choices=SPLITS,
+        metavar="SPLIT",
+        help=f"splits to build (default: {' '.join(SPLITS)}); e.g. test alone to evaluate shipped weights",
     )
     p.add_argument(
         "--extended",

@@ -164,6 +164,27 @@ def test_complete_build_is_reused(demo):
     assert not list(demo.rglob(".*.tmp"))  # no temporary files left
 
 
+def test_one_split_alone_holds_the_files_of_the_full_build(demo, tmp_path):
+    """``splits=("test",)`` writes exactly the test files of a full build, byte for byte (each simulation is seeded by
+    its source), and nothing of the other splits; the manifest records the request."""
+    tasks = ("mri_sr", "pet_synthesis")
+    out = ensure_demo_dataset(tmp_path / "t", max_slices=MAX_SLICES, tasks=tasks, splits=("test",))
+    full_test = {name: digest for name, digest in _digest(demo).items() if Path(name).parts[1] == "test"}
+    assert full_test and _digest(out) == full_test
+    assert demo_is_complete(out, MAX_SLICES, tasks, splits=["test"])
+    assert not demo_is_complete(out, MAX_SLICES, tasks)  # a full build is a different request
+    assert not demo_is_complete(demo, MAX_SLICES, tasks, splits=["test"])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["splits"] == ["test"] and manifest["counts"]["mri_sr"]["train"] == 0
+    assert {s["split"] for s in demo_sources(out)} == {"test"}
+    assert "splits test)" in (out / SOURCES_NAME).read_text()
+    with pytest.raises(ValueError, match=r"splits must be a non-empty subset of .*got \['testing'\]"):
+        ensure_demo_dataset(tmp_path / "u", max_slices=1, tasks=("mri_sr",), splits=("testing",))
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        main(["demo-data", "--out", str(tmp_path / "v"), "--splits", "testing", "--quiet"])
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
 def test_interrupted_build_is_redone_identically(tmp_path):
     out = ensure_demo_dataset(tmp_path / "d", max_slices=1, tasks=("mri_sr",))
     before = _digest(out)

@@ -134,7 +134,7 @@ def test_sources(tmp_path_factory):
     """One slice of each MR / CT / PET test source of the corpus (never in the shipped weights' training)."""
     from medir_monai.data.demo import ensure_demo_dataset
 
-    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", max_slices=1)
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", max_slices=1, splits=("test",))
 
 
 @pytest.mark.parametrize("task, folder", [("mri_sr", "MRI"), ("ct_denoise", "CT"), ("pet_synthesis", "PET")])

@@ -59,6 +59,15 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _checked_splits(splits: Sequence[str]) -> list[str]:
+    """``splits`` in the canonical order; a clear error for an empty or unknown one."""
+    wanted = [splits] if isinstance(splits, str) else list(splits)
+    unknown = sorted(set(wanted) - set(SPLITS))
+    if unknown or not wanted:
+        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {wanted}")
+    return [split for split in SPLITS if split in wanted]
+
+
 def _read_manifest(out: Path) -> dict | None:
     try:
         return json.loads((out / MANIFEST_NAME).read_text())
@@ -86,14 +95,21 @@ def demo_sources(root: str | os.PathLike) -> list[dict]:
 
 
 def demo_is_complete(
-    out: str | os.PathLike, max_slices: int | None = None, tasks: Sequence[str] = DEMO_TASKS, extended: bool = False
+    out: str | os.PathLike,
+    max_slices: int | None = None,
+    tasks: Sequence[str] = DEMO_TASKS,
+    extended: bool = False,
+    splits: Sequence[str] = SPLITS,
 ) -> bool:
-    """Whether ``out`` holds a complete build of this version, code, ``max_slices``, tasks and corpus, with all files."""
+    """Whether ``out`` holds a complete build of this version, code, ``max_slices``, tasks, splits and corpus, with
+    all files."""
     out = Path(out)
     manifest = _read_manifest(out)
     if not manifest or manifest.get("version") != DEMO_VERSION or manifest.get("max_slices") != max_slices:
         return False
     if bool(manifest.get("extended", False)) != bool(extended):
+        return False
+    if manifest.get("splits", list(SPLITS)) != _checked_splits(splits):
         return False
     if manifest.get("code") != code_fingerprint():
         return False
@@ -142,6 +158,7 @@ def build_demo_dataset(
     verbose: bool = True,
     tasks: Sequence[str] = DEMO_TASKS,
     extended: bool = False,
+    splits: Sequence[str] = SPLITS,
 ) -> dict:
     """Build the demo dataset into ``out`` (see the module docstring); returns the manifest.
 
@@ -153,12 +170,16 @@ def build_demo_dataset(
         tasks: the tasks to build (default all three; CT is the slow one).
         extended: also the training sources of Debian packages (:data:`~.sources.MR_SOURCES_EXTENDED`; a missing package is
             named in the error).
+        splits: the splits to build (default all three). A split's files are the same as in a full build (every
+            simulation is seeded by its source, not by the build's order), so a test that needs only the test sources
+            can skip the training ones.
     """
     out = Path(out).expanduser()
     _check_target(out)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     if max_slices is not None and max_slices < 1:
         raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    splits = _checked_splits(splits)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until the new manifest lands
     start = time.perf_counter()
@@ -176,16 +197,18 @@ def build_demo_dataset(
         log(f"medir demo-data: building {task} in {out}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            files[task] = builder(out, max_slices, seed, log, extended) if task == "mri_sr" else builder(out, max_slices, seed, log)
+            extra = {"extended": extended} if task == "mri_sr" else {}
+            files[task] = builder(out, max_slices, seed, log, splits=splits, **extra)
         timings[task] = round(time.perf_counter() - t0, 1)
     _remove_stale(out, files)
-    atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices, extended).encode())
+    atomic_write_bytes(out / SOURCES_NAME, _sources_markdown(files, seed, max_slices, extended, splits).encode())
     manifest = {
         "version": DEMO_VERSION,
         "code": code_fingerprint(),
         "seed": seed,
         "max_slices": max_slices,
         "extended": bool(extended),
+        "splits": splits,
         "counts": {t: {s: len(n) for s, n in splits.items()} for t, splits in files.items()},
         "files": files,
         "sources": _source_table(files),
@@ -204,6 +227,7 @@ def ensure_demo_dataset(
     verbose: bool = False,
     tasks: Sequence[str] = DEMO_TASKS,
     extended: bool = False,
+    splits: Sequence[str] = SPLITS,
 ) -> Path:
     """The demo dataset folder, built first if missing or incomplete (or when ``force``).
 
@@ -214,15 +238,17 @@ def ensure_demo_dataset(
         verbose: print build progress.
         tasks: the tasks to build (default all three).
         extended: also the Debian-package training sources (see :func:`build_demo_dataset`).
+        splits: the splits to build (default all; see :func:`build_demo_dataset`).
 
     Returns:
         the folder, ready for :func:`medir_monai.data.scan_authors_layout`.
     """
     out = Path(dir).expanduser() if dir is not None else default_demo_dir()
-    if not force and demo_is_complete(out, max_slices, tasks, extended):
+    splits = _checked_splits(splits)  # before anything is created
+    if not force and demo_is_complete(out, max_slices, tasks, extended, splits):
         return out
     _check_target(out)
     with _build_lock(out):
-        if force or not demo_is_complete(out, max_slices, tasks, extended):  # another process may have built it meanwhile
-            build_demo_dataset(out, max_slices=max_slices, verbose=verbose, tasks=tasks, extended=extended)
+        if force or not demo_is_complete(out, max_slices, tasks, extended, splits):  # another process built it meanwhile
+            build_demo_dataset(out, max_slices=max_slices, verbose=verbose, tasks=tasks, extended=extended, splits=splits)
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -165,11 +165,16 @@ def _frame_spacing(ds) -> list | None:
         return None
 
 
-def _build_mri(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None], extended: bool = False) -> dict:
+def _build_mri(
+    out: Path, max_slices: int | None, seed: int, log: Callable[[str], None], splits: Sequence[str] = SPLITS,
+    extended: bool = False,
+) -> dict:
     task = get_task("mri_sr")
     degrade = KSpaceTruncate(**task.degradation_args)
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
     for source in MR_SOURCES + (sources.MR_SOURCES_EXTENDED if extended else ()):
+        if source.split not in splits:
+            continue
         slices, spacing = _mr_slices(source)
         # a single-slice source is also stored flipped (as the CT slices are), so it is not drowned by volumes
         flips = CT_FLIPS if len(slices) == 1 else ("id",)
@@ -181,7 +186,7 @@ def _build_mri(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
             write_nifti_slice(out / task.folder / source.split / "HQ" / name, h, spacing, np.float32)
             write_nifti_slice(out / task.folder / source.split / "LQ" / name, l_img, spacing, np.float32)
             files[source.split].append(name)
-    for split in SPLITS:
+    for split in splits:
         log(f"  MRI {split}: {len(files[split])} slices")
     return files
 
@@ -209,7 +214,9 @@ def _load_ct(source: _CTSource) -> tuple[np.ndarray, tuple[float, float]]:
     return image.numpy().clip(low, high).astype(np.float32), spacing
 
 
-def _build_ct(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
+def _build_ct(
+    out: Path, max_slices: int | None, seed: int, log: Callable[[str], None], splits: Sequence[str] = SPLITS
+) -> dict:
     task = get_task("ct_denoise")
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
     plan: dict[str, list[tuple[_CTSource, int, str]]] = {split: [] for split in SPLITS}
@@ -217,7 +224,7 @@ def _build_ct(out: Path, max_slices: int | None, seed: int, log: Callable[[str],
         for r in range(CT_REALISATIONS[source.split]):
             for flip in CT_FLIPS:
                 plan[source.split].append((source, r, flip))
-    for split in SPLITS:
+    for split in splits:
         chosen = [job for source in CT_SOURCES for job in _subsample([j for j in plan[split] if j[0] is source], max_slices)]
         for source in CT_SOURCES:
             wanted = sorted({r for s, r, _ in chosen if s is source})
@@ -297,10 +304,14 @@ def _write_pet_pairs(out: Path, split: str, named: list[str], hq, lq, pixel_mm: 
     return named
 
 
-def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str], None]) -> dict:
+def _build_pet(
+    out: Path, max_slices: int | None, seed: int, log: Callable[[str], None], splits: Sequence[str] = SPLITS
+) -> dict:
     suv, mu = _pet_phantom()
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
     for split, planes in _split_planes(PET_Z_RANGE, PET_HELD_OUT, PET_GAP).items():
+        if split not in splits:
+            continue
         jobs = _subsample([(z, r) for z in planes for r in range(PET_REALISATIONS[split])], max_slices)
         for start in range(0, len(jobs), PET_BATCH):
             chunk = jobs[start : start + PET_BATCH]
@@ -313,6 +324,8 @@ def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
             files[split] += _write_pet_pairs(out, split, names, hq, lq, PET_PIXEL_MM)
     by_name = {s.name: s for s in CT_SOURCES}
     for name, split in PET_BODY_SOURCES.items():
+        if split not in splits:
+            continue
         body_suv, body_mu, pixel = _body_phantom(by_name[name], seed)
         realisations = range(PET_BODY_REALISATIONS[split])
         jobs = _subsample([(r, f) for r in realisations for f in PET_BODY_FLIPS], max_slices)
@@ -321,7 +334,7 @@ def _build_pet(out: Path, max_slices: int | None, seed: int, log: Callable[[str]
         hq, lq = simulate_pet_pair(act, mu_map=att, pixel_size_mm=pixel, rng=_seed(seed, "pet-body", name), **PET_SIM_ARGS)
         names = [f"{name}_body_r{r}_{f}.nii.gz" for r, f in jobs]
         files[split] += _write_pet_pairs(out, split, names, hq, lq, pixel)
-    for split in SPLITS:
+    for split in splits:
         log(f"  PET {split}: {len(files[split])} slices")
     return files
 

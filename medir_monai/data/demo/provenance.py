@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,7 +40,9 @@ from .sources import (
 )
 
 
-def _sources_markdown(counts: dict, seed: int, max_slices: int | None, extended: bool = False) -> str:
+def _sources_markdown(
+    counts: dict, seed: int, max_slices: int | None, extended: bool = False, splits: Sequence[str] = SPLITS
+) -> str:
     nilearn_v, pydicom_v, pdd_v = _version("nilearn"), _version("pydicom"), _version("pydicom-data")
     ct_rows = "\n".join(
         f"| {s.name} | `{s.distribution}` {_version(s.distribution)} | `{s.module}/{s.relpath}` "
@@ -64,7 +67,7 @@ def _sources_markdown(counts: dict, seed: int, max_slices: int | None, extended:
     return f"""# medir-monai demo dataset: sources
 
 Built by `medir demo-data` (medir_monai.data.demo, format version {DEMO_VERSION}, seed {seed}, max_slices
-{max_slices}). Nothing was downloaded: every scan comes from a file inside an installed Python wheel{origin}.
+{max_slices}, splits {", ".join(splits)}). Nothing was downloaded: every scan comes from a file inside an installed Python wheel{origin}.
 Layout: `<TASK>/<split>/<LQ|HQ>/<name>.nii.gz`, 2-D slices in physical units. **For software testing and
 demonstration only; not for clinical use, and not comparable with the papers' numbers.**
 
