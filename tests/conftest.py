@@ -1,6 +1,8 @@
 """Shared test helpers: the reference fixtures live in ../shared/fixtures (docs/design.md, section 6)."""
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,15 @@ def load_fixture(name: str) -> dict:
     if not path.is_file():
         pytest.fail(f"reference fixture {path} is missing (set MEDIR_FIXTURES to the folder holding it)")
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def import_benchmark(name: str):
+    """A script of ``benchmarks/`` (a folder, not a package) imported as a module, to test its functions."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 @pytest.fixture

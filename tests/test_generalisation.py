@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import import_benchmark
 from medir_monai.data.demo import demo_sources, ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,12 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _fold_of_test_sources(root: Path) -> int:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from generalisation import make_folds
-    finally:
-        sys.path.pop(0)
-    folds = make_folds(demo_sources(root))
+    folds = import_benchmark("generalisation").make_folds(demo_sources(root))
     for index, fold in enumerate(folds):
         if all(source in fold[task] for task, source in LEFT_OUT):
             return index

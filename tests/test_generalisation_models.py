@@ -1,12 +1,12 @@
 """``benchmarks/generalisation.py --models-dir``: a fold's network is trained once, saved, and reloaded by a later
 run of the same fold (so restore-time options can be compared on the same networks), never for another fold."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import import_benchmark
 from medir_monai.bundle import bundle_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,12 +15,7 @@ BUNDLE = REPO / "bundles" / "amir"
 
 @pytest.fixture()
 def generalisation():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import generalisation as module
-    finally:
-        sys.path.pop(0)
-    return module
+    return import_benchmark("generalisation")
 
 
 def test_fold_networks_are_saved_and_reloaded_only_for_the_same_fold(generalisation, tmp_path, monkeypatch):

@@ -1,23 +1,15 @@
 """``benchmarks/pet_hot_spots.py``: the hot-spot measures that expose a PET model flattening lesions."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import import_benchmark
 
 
 @pytest.fixture()
 def hot_spots():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pet_hot_spots as module
-    finally:
-        sys.path.pop(0)
-    return module
+    return import_benchmark("pet_hot_spots")
 
 
 def _phantom() -> np.ndarray:
