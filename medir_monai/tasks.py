@@ -73,6 +73,9 @@ class Task:
         air_threshold: physical value under which a pixel counts as air when dropping empty slices
             (``None``: keep every slice).
         central_slices: keep only the central N slices of a volume (``None``: all). MRI uses 100.
+        hot_spot: ``(body_threshold, hot_fraction)`` for the lesion-uptake measure of
+            :func:`medir_monai.metrics.hot_spot_recovery`: the body is the label above ``body_threshold``
+            (physical units) and the hot spot its hottest ``hot_fraction``; ``None``: not measured for the task.
     """
 
     name: str
@@ -91,6 +94,7 @@ class Task:
     air_threshold: float | None = None
     central_slices: int | None = None
     slice_axis: int = 2
+    hot_spot: tuple[float, float] | None = None
 
     @property
     def index(self) -> int:
@@ -119,6 +123,8 @@ def register_task(task: Task, overwrite: bool = False) -> Task:
         raise ValueError(f"task {task.name!r}: slice_axis must be 0, 1 or 2 (an axis of a RAS volume), got {task.slice_axis}")
     if task.norm_range[1] <= task.norm_range[0] or task.eval_window[1] <= task.eval_window[0]:
         raise ValueError(f"task {task.name!r}: ranges must be (low, high) with low < high")
+    if task.hot_spot is not None and not 0.0 < task.hot_spot[1] < 1.0:
+        raise ValueError(f"task {task.name!r}: hot_spot fraction must lie in (0, 1), got {task.hot_spot[1]}")
     TASKS[task.name] = task
     return task
 
@@ -212,5 +218,7 @@ register_task(
         degradation_args={"dose_fraction": 1.0 / 12.0, "mode": "insert_noise", "count_scaling": "activity"},
         air_threshold=0.05,
         slice_axis=1,
+        # lesion uptake: the hottest 1 % of the body (HQ above 0.25 SUV), where a smoothing model loses SUV first
+        hot_spot=(0.25, 0.01),
     )
 )

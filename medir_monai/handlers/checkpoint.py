@@ -266,26 +266,44 @@ class BestModelSaver:
         profile: the training profile (:func:`medir_monai.data.profile.profile_items`) stored with the weights as
             ``{"model": state_dict, "training_profile": profile}`` (``None``: a plain state dict). MONAI's
             ``CheckpointLoader`` (``load_dict={"model": ...}``) and ``load_official_state_dict`` read both forms.
+        floors: ``{metric name: lowest acceptable value}`` of other evaluator metrics, e.g.
+            ``{"val_hot_recovery_pet_synthesis": 0.85}``. A validation round below a floor (or whose metric is NaN)
+            becomes the best only while no round has met every floor: a round that meets them always ranks above
+            one that does not, whatever its key metric. ``None`` / empty: the key metric alone (the papers' rule).
     """
 
     def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt", higher_is_better: bool = True,
-                 profile: dict | None = None):
+                 profile: dict | None = None, floors: dict[str, float] | None = None):
         self.path = Path(save_dir) / filename
         self.network = network
         self.sign = 1.0 if higher_is_better else -1.0
         self.best: float | None = None
+        self.best_meets_floors = True
         self.profile = profile
+        self.floors = {str(k): float(v) for k, v in (floors or {}).items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far (kept in the training checkpoint so a resumed run does not regress)."""
-        return {"best": float("nan") if self.best is None else self.best}
+        return {"best": float("nan") if self.best is None else self.best, "best_meets_floors": self.best_meets_floors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         best = float(state.get("best", float("nan")))
         self.best = None if best != best else best
+        self.best_meets_floors = bool(state.get("best_meets_floors", True))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _floors_missed(self, metrics: dict[str, Any]) -> list[str]:
+        missed = []
+        for name, floor in self.floors.items():
+            if name not in metrics:
+                raise RuntimeError(f"BestModelSaver floor on {name!r}, which the evaluator does not compute; it "
+                                   f"computes {sorted(metrics)}")
+            value = float(metrics[name])
+            if not value >= floor:  # NaN misses too
+                missed.append(f"{name} {value:.4f} below the floor {floor:g}")
+        return missed
 
     def __call__(self, engine: Engine) -> None:
         name = getattr(engine.state, "key_metric_name", None)
@@ -294,8 +312,12 @@ class BestModelSaver:
         value = float(engine.state.metrics[name])
         if value != value:  # NaN
             return
-        if self.best is None or self.sign * value > self.sign * self.best:
-            self.best = value
+        missed = self._floors_missed(engine.state.metrics)
+        if missed:
+            logger.info(f"{name} {value:.4f}, but {'; '.join(missed)}: this round counts only while none meets the floors")
+        rank, best_rank = (not missed, self.sign * value), (self.best_meets_floors, self.sign * (self.best or 0.0))
+        if self.best is None or rank > best_rank:
+            self.best, self.best_meets_floors = value, not missed
             weights = unwrap(self.network).state_dict()
             atomic_save({"model": weights, "training_profile": self.profile} if self.profile else weights, self.path)
             logger.info(f"{name} improved to {value:.4f}: saved {self.path}")

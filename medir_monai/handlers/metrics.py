@@ -18,12 +18,16 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import CommonKeys as Keys
 
-from ..metrics import monai_metrics, paper_metrics
+from ..metrics import hot_spot_recovery, monai_metrics, paper_metrics
 from ..tasks import get_task
 
 __all__ = ["TaskMetricCollector", "TaskMeanMetric", "task_metrics"]
 
-ROW_METRICS = ("psnr", "ssim", "rmse", "monai_psnr", "monai_ssim", "lq_psnr", "lq_ssim", "lq_rmse")
+ROW_METRICS = (
+    "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim", "hot_recovery", "lq_psnr", "lq_ssim", "lq_rmse", "lq_hot_recovery"
+)
+TASK_SPECIFIC_METRICS = ("hot_recovery", "lq_hot_recovery")
+"""Row metrics only tasks with a :attr:`~medir_monai.tasks.Task.hot_spot` get (PET lesion uptake)."""
 
 
 def _batch_task_names(batch: dict, size: int) -> list[str]:
@@ -47,7 +51,8 @@ class TaskMetricCollector:
 
     Each row: ``task``, ``file``, and the restored-vs-HQ ``psnr``, ``ssim``, ``rmse`` (paper convention),
     ``monai_psnr``, ``monai_ssim`` (MONAI metrics, fixed eval-window range) and the LQ-vs-HQ baseline
-    ``lq_psnr``, ``lq_ssim``, ``lq_rmse``.
+    ``lq_psnr``, ``lq_ssim``, ``lq_rmse``; for a task with a hot spot (PET) also ``hot_recovery`` and
+    ``lq_hot_recovery`` (:func:`medir_monai.metrics.hot_spot_recovery`: lesion uptake kept).
     """
 
     def __init__(self, include_lq: bool = True):
@@ -76,8 +81,13 @@ class TaskMetricCollector:
             p, y = pred[i : i + 1], label[i : i + 1]
             row.update({k: float(v) for k, v in paper_metrics(p, y, task).items()})
             row.update({k: float(v) for k, v in monai_metrics(p, y, task).items()})
+            measures_hot_spot = get_task(task).hot_spot is not None
+            if measures_hot_spot:
+                row["hot_recovery"] = float(hot_spot_recovery(p, y, task))
             if self.include_lq:
                 row.update({f"lq_{k}": float(v) for k, v in paper_metrics(lq[i : i + 1], y, task).items()})
+                if measures_hot_spot:
+                    row["lq_hot_recovery"] = float(hot_spot_recovery(lq[i : i + 1], y, task))
             self.rows.append(row)
 
     def per_task_means(self) -> dict[str, dict[str, float]]:
@@ -85,7 +95,7 @@ class TaskMetricCollector:
         sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for row in self.rows:
             for name in ROW_METRICS:
-                if name in row and not math.isinf(row[name]):
+                if name in row and math.isfinite(row[name]):
                     sums[row["task"]][name].append(row[name])
         return {t: {n: sum(v) / len(v) for n, v in m.items() if v} for t, m in sums.items()}
 
@@ -146,19 +156,22 @@ def task_metrics(
     tasks: Sequence[str],
     collector: TaskMetricCollector | None = None,
     prefix: str = "val_",
-    metrics: Sequence[str] = ("psnr", "ssim", "rmse", "monai_psnr", "monai_ssim", "lq_psnr"),
+    metrics: Sequence[str] = ("psnr", "ssim", "rmse", "monai_psnr", "monai_ssim", "lq_psnr", "hot_recovery"),
 ) -> tuple[dict[str, TaskMeanMetric], dict[str, TaskMeanMetric]]:
     """``(key_val_metric, additional_metrics)`` for a ``SupervisedEvaluator``.
 
     The key metric is ``<prefix>mean_psnr`` (mean PSNR over tasks, the papers' model selection criterion);
-    the others are ``<prefix><metric>_<task>`` and ``<prefix>mean_<metric>``.
+    the others are ``<prefix><metric>_<task>`` and ``<prefix>mean_<metric>``. A task-specific metric
+    (``hot_recovery``) gets only the per-task entries of the tasks that measure it (``val_hot_recovery_pet_synthesis``).
     """
     collector = collector or TaskMetricCollector()
     key = {f"{prefix}mean_psnr": TaskMeanMetric(collector, "psnr", None)}
     extra: dict[str, TaskMeanMetric] = {}
     for metric in metrics:
-        if metric != "psnr":
+        specific = metric in TASK_SPECIFIC_METRICS
+        if metric != "psnr" and not specific:
             extra[f"{prefix}mean_{metric}"] = TaskMeanMetric(collector, metric, None)
         for task in tasks:
-            extra[f"{prefix}{metric}_{task}"] = TaskMeanMetric(collector, metric, task)
+            if not specific or get_task(task).hot_spot is not None:
+                extra[f"{prefix}{metric}_{task}"] = TaskMeanMetric(collector, metric, task)
     return key, extra

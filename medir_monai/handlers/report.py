@@ -17,7 +17,7 @@ from .metrics import TaskMetricCollector
 
 __all__ = ["EvalReportHandler", "ValidationSummaryHandler", "write_metrics_csv", "format_report", "atomic_write_text"]
 
-CSV_FIELDS = ("task", "file", "source", "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim")
+CSV_FIELDS = ("task", "file", "source", "psnr", "ssim", "rmse", "monai_psnr", "monai_ssim", "hot_recovery")
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
@@ -28,7 +28,8 @@ def csv_rows(rows: list[dict]) -> list[dict]:
         if "lq_psnr" in row:
             out.append(
                 {"task": row["task"], "file": row["file"], "source": "lq", "psnr": row["lq_psnr"],
-                 "ssim": row["lq_ssim"], "rmse": row["lq_rmse"], "monai_psnr": "", "monai_ssim": ""}
+                 "ssim": row["lq_ssim"], "rmse": row["lq_rmse"], "monai_psnr": "", "monai_ssim": "",
+                 "hot_recovery": row.get("lq_hot_recovery", "")}
             )
     return out
 
@@ -78,6 +79,12 @@ def format_report(means: dict[str, dict[str, float]], model_name: str = "model",
               "| task | MONAI PSNR | MONAI SSIM |", "|---|---|---|"]
     for t in tasks:
         lines.append(f"| {t} | {means[t].get('monai_psnr', float('nan')):.2f} | {means[t].get('monai_ssim', float('nan')):.4f} |")
+    hot_tasks = [t for t in tasks if "hot_recovery" in means[t]]
+    if hot_tasks:
+        lines += ["", "Hot-spot uptake kept (mean over the label's hottest fraction of the body, divided by the label's; "
+                  "1 = lesions kept, a blur lowers it):", "", "| task | LQ input | " + model_name + " |", "|---|---|---|"]
+        for t in hot_tasks:
+            lines.append(f"| {t} | {means[t].get('lq_hot_recovery', float('nan')):.3f} | {means[t]['hot_recovery']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
