@@ -320,4 +320,5 @@ class BestModelSaver:
             self.best, self.best_meets_floors = value, not missed
             weights = unwrap(self.network).state_dict()
             atomic_save({"model": weights, "training_profile": self.profile} if self.profile else weights, self.path)
-            logger.info(f"{name} improved to {value:.4f}: saved {self.path}")
+            floors_note = (" (meets the floors)" if not missed else " (below a floor)") if self.floors else ""
+            logger.info(f"{name} {value:.4f} is the best round so far{floors_note}: saved {self.path}")
