@@ -201,8 +201,7 @@ def hot_spot_recovery(
         pred = task.denormalise(pred).clamp(*task.norm_range)
         label = task.denormalise(label).clamp(*task.norm_range)
     mask = hot_spot_mask(label, *task.hot_spot).to(pred.dtype)
-    area = mask.flatten(1).sum(1)
-    return (pred * mask).flatten(1).sum(1) / (label * mask).flatten(1).sum(1) * torch.where(area > 0, 1.0, torch.nan)
+    return (pred * mask).flatten(1).sum(1) / (label * mask).flatten(1).sum(1)  # an empty mask gives 0 / 0 = NaN
 
 
 def mean_over_tasks(per_task: dict[str, dict[str, float]], names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
