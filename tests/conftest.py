@@ -22,6 +22,16 @@ def load_fixture(name: str) -> dict:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
+def pet_lesion_phantom():
+    """A 64 x 64 PET slice (SUV, numpy float64): a body at 1 SUV on air (0), a 3-pixel-radius lesion at 8 SUV."""
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    hq = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 28**2, 1.0, 0.0)
+    hq[(yy - 20) ** 2 + (xx - 40) ** 2 <= 9] = 8.0
+    return hq
+
+
 def import_benchmark(name: str):
     """A script of ``benchmarks/`` (a folder, not a package) imported as a module, to test its functions."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))

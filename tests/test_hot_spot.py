@@ -5,12 +5,13 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
 from monai.utils import CommonKeys as Keys
 from scipy import ndimage
+
+from conftest import pet_lesion_phantom
 
 from medir_monai.handlers import BestModelSaver, TaskMetricCollector, format_report, task_metrics
 from medir_monai.handlers.report import csv_rows
@@ -23,11 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _phantom_suv() -> torch.Tensor:
-    """(1,1,64,64) SUV: a body at 1 SUV on air, a 29-pixel lesion at 8 SUV."""
-    yy, xx = np.mgrid[:64, :64]
-    hq = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 28**2, 1.0, 0.0)
-    hq[(yy - 20) ** 2 + (xx - 40) ** 2 <= 9] = 8.0
-    return torch.as_tensor(hq)[None, None]
+    """(1,1,64,64) SUV: the shared lesion phantom (a body at 1 SUV on air, a 29-pixel lesion at 8 SUV)."""
+    return torch.as_tensor(pet_lesion_phantom())[None, None]
 
 
 def _normalised(suv: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import import_benchmark
+from conftest import import_benchmark, pet_lesion_phantom
 
 
 @pytest.fixture()
@@ -12,16 +12,8 @@ def hot_spots():
     return import_benchmark("pet_hot_spots")
 
 
-def _phantom() -> np.ndarray:
-    """A 64 x 64 body at 1 SUV on air (0), with a 3-pixel-radius lesion at 8 SUV."""
-    yy, xx = np.mgrid[:64, :64]
-    hq = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 28**2, 1.0, 0.0)
-    hq[(yy - 20) ** 2 + (xx - 40) ** 2 <= 9] = 8.0
-    return hq
-
-
 def test_a_flattened_lesion_shows_in_the_hot_mean_peak_and_error_share(hot_spots):
-    hq = _phantom()
+    hq = pet_lesion_phantom()
     lesion = hq == 8.0
     halved = np.where(lesion, 4.0, hq)
     noisy_background = hq + np.where(lesion, 0.0, 0.1)
@@ -38,7 +30,7 @@ def test_a_flattened_lesion_shows_in_the_hot_mean_peak_and_error_share(hot_spots
 
 
 def test_bad_input_is_named(hot_spots):
-    hq = _phantom()
+    hq = pet_lesion_phantom()
     with pytest.raises(ValueError, match="one shape"):
         hot_spots.hot_spot_measures(hq, {"cropped": hq[:32]})
     with pytest.raises(ValueError, match=r"fewer than 100 body pixels \(HQ > 0.25 SUV\)"):
